@@ -1,0 +1,73 @@
+"""The shape of `GET /api/cluster`: what the CLI's `status` and the dashboard read.
+
+One snapshot of the cluster as the controller sees it: nodes with their hardware and live
+use, models with where each replica runs and why a model is pending or failed.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field, computed_field
+
+from orchestrator.core.hardware import NodeHardware
+
+NodeState = Literal["alive", "gone"]
+ReplicaState = Literal["pending", "loading", "ready", "failed", "stopped"]
+
+
+class NodeView(BaseModel):
+    name: str
+    address: str = Field(..., description="Node IP as Ray sees it.")
+    ray_node_id: str | None = None
+    state: NodeState = "alive"
+    is_head: bool = False
+    hardware: NodeHardware = Field(..., description="Hardware and live use, as last reported.")
+    reported_at: float | None = Field(None, description="Unix time of the last agent report.")
+    model_files: list[str] = Field(default_factory=list, description="Configured models whose file this node holds.")
+    requests_served: int = 0
+
+
+class ReplicaView(BaseModel):
+    replica_id: str
+    node: str | None = None
+    state: ReplicaState
+    reason: str | None = Field(None, description="Why pending or failed; None when ready.")
+    gpu_index: int | None = None
+    gpu_layers: int = 0
+    total_layers: int = 0
+    estimated_gpu_bytes: int | None = None
+    estimated_ram_bytes: int | None = None
+    measured_gpu_bytes: int | None = None
+    measured_ram_bytes: int | None = None
+    load_seconds: float | None = None
+    in_flight: int = 0
+    requests_served: int = 0
+
+    @computed_field  # in the JSON too, so the dashboard need not repeat the rule
+    @property
+    def processor(self) -> str:
+        """GPU/CPU split the way `ollama ps` prints it."""
+        if self.total_layers <= 0 or self.state not in ("ready", "loading"):
+            return "-"
+        if self.gpu_layers <= 0:
+            return "100% CPU"
+        if self.gpu_layers >= self.total_layers:
+            return "100% GPU"
+        gpu_pct = round(100 * self.gpu_layers / self.total_layers)
+        return f"{100 - gpu_pct}%/{gpu_pct}% CPU/GPU"
+
+
+class ModelView(BaseModel):
+    name: str
+    path: str | None = None
+    context: int
+    state: ReplicaState = Field(..., description="ready if any replica is ready, else the most telling state.")
+    reason: str | None = None
+    replicas: list[ReplicaView] = Field(default_factory=list)
+
+
+class ClusterView(BaseModel):
+    nodes: list[NodeView] = Field(default_factory=list)
+    models: list[ModelView] = Field(default_factory=list)
+    generated_at: float

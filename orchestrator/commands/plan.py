@@ -1,0 +1,199 @@
+"""`homefleet plan`: dry-run placement of a config's models, with per-node reasons.
+
+Nodes come from hardware files (`--nodes FILE...`, default: the reference machines) or,
+with `--url`, from the live nodes of a running gateway (`GET /api/cluster`), whose running
+replicas are kept where they are. Models come from `--config`. Nothing is started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+
+import yaml
+from pydantic import ValidationError
+
+from orchestrator.cluster_view import ClusterView
+from orchestrator.commands.status import StatusError, fetch_cluster
+from orchestrator.config import ConfigError, HomefleetConfig, load_config
+from orchestrator.core.hardware import NodeHardware
+from orchestrator.core.placement import (
+    Assignment,
+    ModelDemand,
+    NodeSnapshot,
+    PlacementResult,
+    place,
+    reservations_for,
+    snapshot_from_hardware,
+)
+from orchestrator.demand import default_shape_loader, demands_for
+from orchestrator.plan_report import plan_to_dict, render_plan
+
+LIVE_STATES = ("ready", "loading")
+
+
+class PlanError(Exception):
+    """Why no plan can be made, in words fit for the terminal."""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "plan",
+        help="dry-run placement: which node and GPU each model would get, and why not",
+        description="Place the models of a config onto nodes without starting anything. Nodes come "
+        "from hardware files (default: the three reference machines) or from a running gateway (--url).",
+    )
+    parser.add_argument("--config", metavar="FILE", default=None, help="homefleet config whose models to place")
+    parser.add_argument(
+        "--nodes",
+        metavar="FILE",
+        nargs="+",
+        default=None,
+        help="hardware files (YAML/JSON, the probe's schema) to plan on (default: the reference machines)",
+    )
+    parser.add_argument("--url", default=None, help="plan on the live nodes of the gateway at this URL instead")
+    parser.add_argument("--api-key", default=None, help="API key for --url (default: $HOMEFLEET_API_KEY)")
+    parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        if args.url and args.nodes:
+            raise PlanError("give either --nodes or --url, not both")
+        config = load_config(args.config) if args.config else HomefleetConfig()
+        if args.url:
+            nodes, current, loading = nodes_from_gateway(args.url, args.api_key)
+        else:
+            nodes, current, loading = nodes_from_files(args.nodes), [], []
+        demands, problems = _demands(config)
+    except (PlanError, ConfigError) as exc:
+        print(f"homefleet plan: {exc}", file=sys.stderr)
+        return 1
+    result = make_plan(nodes, demands, current, loading)
+    if args.json:
+        print(json.dumps(plan_to_dict(result, nodes, problems), indent=2))
+    else:
+        sys.stdout.write(render_plan(result, nodes, problems))
+    return 0
+
+
+def make_plan(
+    nodes: Sequence[NodeSnapshot],
+    demands: Sequence[ModelDemand],
+    current: Sequence[Assignment] = (),
+    loading: Sequence[Assignment] = (),
+) -> PlacementResult:
+    """Running replicas stay; loading ones also hold memory their node does not show yet."""
+    return place(nodes, demands, current=[*current, *loading], reserved=reservations_for(loading))
+
+
+# ----------------------------------------------------------------------------- nodes
+
+
+def nodes_from_files(paths: Sequence[str] | None) -> list[NodeSnapshot]:
+    """Snapshots of hardware files; every model file counts as present (model_files=None)."""
+    files = [Path(p) for p in paths] if paths else _default_machine_files()
+    if not files:
+        raise PlanError("no hardware files: pass --nodes FILE... (see configs/machines/*.yaml)")
+    return [snapshot_from_hardware(_load_hardware(path)) for path in files]
+
+
+def nodes_from_gateway(url: str, api_key: str | None) -> tuple[list[NodeSnapshot], list[Assignment], list[Assignment]]:
+    """Live nodes of a gateway, and its running (ready) and loading replicas."""
+    url = url.rstrip("/")
+    try:
+        view = ClusterView.model_validate(fetch_cluster(url, api_key or os.environ.get("HOMEFLEET_API_KEY")))
+    except StatusError as exc:
+        raise PlanError(str(exc)) from None
+    except ValidationError as exc:
+        raise PlanError(f"{url}/api/cluster did not answer with a cluster view: {exc}") from None
+    return snapshots_from_view(view)
+
+
+def snapshots_from_view(view: ClusterView) -> tuple[list[NodeSnapshot], list[Assignment], list[Assignment]]:
+    nodes = [
+        replace(snapshot_from_hardware(n.hardware, model_files=n.model_files), alive=n.state == "alive")
+        for n in view.nodes
+    ]
+    ready: list[Assignment] = []
+    loading: list[Assignment] = []
+    for model in view.models:
+        for number, replica in enumerate(model.replicas):
+            if replica.node is None or replica.state not in LIVE_STATES:
+                continue
+            kind = "cpu" if replica.gpu_layers <= 0 else ("gpu" if replica.gpu_layers >= replica.total_layers else "split")
+            assignment = Assignment(
+                model=model.name,
+                replica=number,
+                node=replica.node,
+                gpu_index=replica.gpu_index,
+                gpu_layers=replica.gpu_layers,
+                n_layers=replica.total_layers,
+                gpu_bytes=replica.measured_gpu_bytes or replica.estimated_gpu_bytes or 0,
+                ram_bytes=replica.measured_ram_bytes or replica.estimated_ram_bytes or 0,
+                kind=kind,
+            )
+            (ready if replica.state == "ready" else loading).append(assignment)
+    return nodes, ready, loading
+
+
+def _load_hardware(path: Path) -> NodeHardware:
+    try:
+        from orchestrator.machines import load_hardware_file
+    except ImportError:
+        load_hardware_file = _read_hardware_file
+    try:
+        return load_hardware_file(path)
+    except PlanError:
+        raise
+    except (OSError, ValueError) as exc:  # pydantic's ValidationError and YAML errors are ValueErrors
+        raise PlanError(f"cannot use hardware file {path}: {exc}") from None
+
+
+def _default_machine_files() -> list[Path]:
+    try:
+        from orchestrator.machines import default_machine_files
+    except ImportError:
+        return _find_machine_files()
+    return list(default_machine_files())
+
+
+# Stand-ins until orchestrator/machines.py (another engineer's) provides these two.
+
+
+def _read_hardware_file(path: Path) -> NodeHardware:
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as exc:
+        raise PlanError(f"{path}: not valid YAML/JSON: {exc}") from None
+    return NodeHardware.model_validate(data)
+
+
+def _find_machine_files() -> list[Path]:
+    """configs/machines/*.yaml of a source checkout, else the copies bundled in the package."""
+    package_dir = Path(__file__).resolve().parents[1]
+    for folder in (package_dir.parent / "configs" / "machines", package_dir / "machines"):
+        files = sorted(folder.glob("*.yaml"))
+        if files:
+            return files
+    return []
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def _demands(config: HomefleetConfig) -> tuple[list[ModelDemand], dict[str, str]]:
+    """ModelDemands of the config; a model whose size cannot be known becomes a problem line."""
+    if not config.models:
+        return [], {}
+    problems: dict[str, str] = {}
+    load_shape = functools.partial(default_shape_loader, models_dir=config.cluster.models_dir)
+    demands = demands_for(config.models, load_shape, on_problem=problems.__setitem__)
+    return demands, problems

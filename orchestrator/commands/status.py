@@ -1,0 +1,95 @@
+"""`homefleet status`: ask a running gateway for `GET /api/cluster` and print it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+
+import httpx
+from pydantic import ValidationError
+
+from orchestrator.cluster_view import ClusterView
+from orchestrator.status_report import render_status
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+TIMEOUT_SECONDS = 10.0
+
+
+class StatusError(Exception):
+    """Why no cluster view came back, in words fit for the terminal."""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "status",
+        help="show nodes and models of a running cluster",
+        description="Show the nodes (hardware, live use) and models (node, GPU/CPU split, memory, "
+        "state, reason) of a running homefleet gateway.",
+    )
+    parser.add_argument(
+        "--url",
+        default=None,
+        help=f"gateway base URL (default: $HOMEFLEET_URL, else {DEFAULT_URL})",
+    )
+    parser.add_argument("--json", action="store_true", help="print the raw /api/cluster JSON instead of tables")
+    parser.add_argument(
+        "--api-key",
+        default=None,
+        metavar="KEY",
+        help="API key, needed when the gateway is not on this machine (default: $HOMEFLEET_API_KEY)",
+    )
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    url = (args.url or os.environ.get("HOMEFLEET_URL") or DEFAULT_URL).rstrip("/")
+    api_key = args.api_key or os.environ.get("HOMEFLEET_API_KEY") or None
+    try:
+        payload = fetch_cluster(url, api_key)
+        view = ClusterView.model_validate(payload)
+    except StatusError as exc:
+        print(f"homefleet status: {exc}", file=sys.stderr)
+        return 1
+    except ValidationError as exc:
+        print(f"homefleet status: {url}/api/cluster did not answer with a cluster view:\n{exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(payload, indent=2))
+    else:
+        color = sys.stdout.isatty() and "NO_COLOR" not in os.environ
+        sys.stdout.write(render_status(view, color=color, width=shutil.get_terminal_size().columns))
+    return 0
+
+
+def fetch_cluster(url: str, api_key: str | None, transport: httpx.BaseTransport | None = None) -> dict:
+    """The JSON of {url}/api/cluster; StatusError with a readable message on any failure."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        with httpx.Client(timeout=TIMEOUT_SECONDS, transport=transport) as client:
+            response = client.get(f"{url}/api/cluster", headers=headers)
+    except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+        raise StatusError(f"no homefleet gateway at {url}: start one with `homefleet up`") from exc
+    except httpx.HTTPError as exc:
+        raise StatusError(f"the gateway at {url} did not answer: {exc}") from exc
+    if response.status_code in (401, 403):
+        raise StatusError(
+            f"the gateway at {url} refused the request (HTTP {response.status_code}): "
+            "pass --api-key or set HOMEFLEET_API_KEY"
+        )
+    if response.status_code != 200:
+        raise StatusError(f"the gateway at {url} answered HTTP {response.status_code}: {_error_message(response)}")
+    try:
+        return response.json()
+    except ValueError as exc:
+        raise StatusError(f"{url}/api/cluster did not answer with JSON: is this a homefleet gateway?") from exc
+
+
+def _error_message(response: httpx.Response) -> str:
+    """OpenAI-shaped {"error": {"message": ...}} when the gateway sent one, else the body's start."""
+    try:
+        return str(response.json()["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return response.text[:200] or response.reason_phrase

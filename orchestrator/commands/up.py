@@ -1,0 +1,148 @@
+"""`homefleet up`: start the Ray head, the orchestrator (gateway + controller) and this
+machine's worker; foreground until Ctrl-C, then stop everything it started."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from pathlib import Path
+
+from orchestrator.config import ConfigError, HomefleetConfig, load_config
+from orchestrator.demo import DemoUnavailable, demo_model
+
+log = logging.getLogger("homefleet")
+LOG_DIR = Path("~/.cache/homefleet/logs")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "up",
+        help="start the head: Ray, the OpenAI-compatible gateway and this machine's worker",
+        description="Start the cluster head on this machine and serve the configured models "
+        "(the bundled demo model when none are configured). Ctrl-C stops everything it started.",
+    )
+    p.add_argument("--config", metavar="FILE", help="YAML config (models, gateway, cluster)")
+    p.add_argument("--host", help="address the gateway binds to (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="gateway port (default 8000)")
+    p.add_argument("--ray-port", type=int, help="port workers join on (default 6379)")
+    p.add_argument("--node-ip-address", help="address Ray binds to: this machine's LAN address for other machines to join "
+                   "(default 127.0.0.1, this machine only)")
+    p.add_argument("--ray-address", help="use a running Ray cluster at this address instead of starting a head")
+    p.add_argument("--name", help="name of this machine's node (default: hostname)")
+    p.add_argument("--hardware", metavar="FILE", help="report this hardware file instead of probing")
+    p.add_argument("--models-dir", metavar="DIR", help="where this machine keeps GGUF files")
+    p.add_argument("--log-level", default=os.environ.get("HOMEFLEET_LOG_LEVEL", "info"))
+    p.set_defaults(func=run)
+
+
+def resolve_config(args: argparse.Namespace) -> HomefleetConfig:
+    config = load_config(args.config) if args.config else HomefleetConfig()
+    if args.host:
+        config.gateway.host = args.host
+    if args.port:
+        config.gateway.port = args.port
+    if args.ray_port:
+        config.cluster.ray_port = args.ray_port
+    if args.node_ip_address:
+        config.cluster.node_ip_address = args.node_ip_address
+    if args.name:
+        config.cluster.node_name = args.name
+    if args.models_dir:
+        config.cluster.models_dir = args.models_dir
+    if os.environ.get("HOMEFLEET_API_KEY"):
+        config.gateway.api_key = os.environ["HOMEFLEET_API_KEY"]
+    if not config.models:
+        config.models.append(demo_model())
+    return config
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = resolve_config(args)
+        hardware = _read_hardware(args.hardware)
+    except (ConfigError, DemoUnavailable) as exc:
+        print(f"homefleet up: {exc}", file=sys.stderr)
+        return 2
+    from orchestrator import ray_cluster
+    from worker.agent import node_environment
+
+    token = ray_cluster.load_or_create_token()
+    os.environ.update(ray_cluster.auth_environment(token))
+    head = None
+    if args.ray_address:
+        address = args.ray_address
+    else:
+        node_ip = config.cluster.node_ip_address or "127.0.0.1"
+        log_dir = LOG_DIR.expanduser()
+        log_dir.mkdir(parents=True, exist_ok=True)
+        node_env = node_environment(config.cluster.node_name, hardware, config.cluster.models_dir)
+        print(f"homefleet: starting Ray head on {node_ip}:{config.cluster.ray_port} ...", flush=True)
+        try:
+            head = ray_cluster.start_head(
+                node_ip, config.cluster.ray_port, token, node_env, config.cluster.node_name,
+                log_path=log_dir / "ray-head.log",
+            )
+        except (RuntimeError, TimeoutError) as exc:
+            print(f"homefleet up: {exc} (log: {log_dir / 'ray-head.log'})", file=sys.stderr)
+            return 1
+        address = head.address
+    try:
+        ray_cluster.connect(address, token)
+        _print_banner(config, address, token)
+        asyncio.run(_serve(config))
+    except KeyboardInterrupt:
+        pass
+    finally:
+        print("homefleet: stopping ...", flush=True)
+        import ray
+
+        ray.shutdown()
+        if head is not None:
+            head.stop()
+    print("homefleet: stopped", flush=True)
+    return 0
+
+
+def _read_hardware(path: str | None):
+    if not path:
+        return None
+    from orchestrator.machines import load_hardware_file
+
+    return load_hardware_file(path)
+
+
+async def _serve(config: HomefleetConfig) -> None:
+    import uvicorn
+
+    from orchestrator.controller import Controller
+    from orchestrator.gateway.app import create_app
+    from orchestrator.ray_actors import RayCluster
+
+    controller = Controller(config, RayCluster(replica_concurrency=config.gateway.queue_per_replica + 2))
+    app = create_app(controller, config)
+    server = uvicorn.Server(
+        uvicorn.Config(app, host=config.gateway.host, port=config.gateway.port, log_level="warning", access_log=False)
+    )
+    controller.start()
+    try:
+        await server.serve()
+    finally:
+        await controller.stop()
+
+
+def _print_banner(config: HomefleetConfig, address: str, token: str) -> None:
+    base = f"http://{config.gateway.host}:{config.gateway.port}"
+    names = ", ".join(m.name for m in config.models)
+    print(
+        f"homefleet: serving {names}\n"
+        f"  OpenAI endpoint:  {base}/v1\n"
+        f"  dashboard:        {base}/\n"
+        f"  status:           homefleet status --url {base}\n"
+        f"  add a machine:    homefleet join {address} --token {token} --name NAME\n"
+        f"Ctrl-C stops everything.",
+        flush=True,
+    )

@@ -1,0 +1,132 @@
+"""The YAML config of DESIGN.md, validated by pydantic.
+
+A wrong or unknown field is an error that names it (`models[0].contex: unknown field`),
+and nothing starts. The file is read once at start-up and passed in; there is no global.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+MODEL_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:\-]*$")
+KvType = Literal["f16", "q8_0", "q4_0"]
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the file and the field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class GatewayConfig(_Strict):
+    host: str = Field("127.0.0.1", description="Address the OpenAI-compatible endpoint binds to.")
+    port: int = Field(8000, ge=1, le=65535, description="Port of the endpoint.")
+    api_key: str | None = Field(
+        None, description="Key clients must send (Bearer) from any address but loopback; env HOMEFLEET_API_KEY."
+    )
+    queue_per_replica: int = Field(
+        8, ge=1, description="Requests waiting per replica before the gateway answers 503 with Retry-After."
+    )
+
+
+class ClusterConfig(_Strict):
+    ray_port: int = Field(6379, ge=1, le=65535, description="Port of the Ray head (GCS) that workers join.")
+    node_ip_address: str | None = Field(
+        None, description="Address Ray binds to on the head; the LAN address for a multi-machine cluster."
+    )
+    node_name: str | None = Field(None, description="Name of the head's own worker node (hostname by default).")
+    models_dir: str | None = Field(None, description="Directory where this node keeps GGUF files.")
+    report_interval_s: float = Field(2.0, gt=0, description="How often node agents report live use.")
+
+
+class ModelConfig(_Strict):
+    name: str = Field(..., description="What clients send as `model`.")
+    path: str | None = Field(None, description="GGUF file on the nodes (absolute, or relative to models_dir).")
+    catalog: str | None = Field(None, description="Catalog entry to plan with before the file exists.")
+    context: int = Field(4096, ge=64, le=1_048_576, description="Context length (n_ctx) in tokens.")
+    replicas: int = Field(1, ge=0, le=64, description="How many copies to run.")
+    chat_format: str | None = Field(None, description="llama-cpp-python chat format when the GGUF has no template.")
+    node: str | None = Field(None, description="Pin every replica to this node.")
+    gpu_layers: int | None = Field(None, ge=-1, description="Layers on the GPU (-1 all, 0 CPU only); estimated when unset.")
+    keep_free_vram_mib: int = Field(0, ge=0, description="VRAM to leave free on the chosen GPU.")
+    n_threads: int | None = Field(None, ge=1, description="CPU threads for decoding; physical cores by default.")
+    flash_attn: bool = Field(False, description="Use flash attention.")
+    kv_type: KvType = Field("f16", description="KV cache type; q8_0/q4_0 need flash_attn.")
+    embedding: bool = Field(False, description="Serve /v1/embeddings with this model.")
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_plain(cls, value: str) -> str:
+        if not MODEL_NAME_PATTERN.match(value):
+            raise ValueError("must be letters, digits, '.', '_', ':' or '-' (no spaces or slashes)")
+        return value
+
+    @model_validator(mode="after")
+    def _has_a_source(self) -> "ModelConfig":
+        if not self.path and not self.catalog:
+            raise ValueError("needs `path` (a GGUF file) or `catalog` (a catalog name for planning)")
+        if self.kv_type != "f16" and not self.flash_attn:
+            raise ValueError(f"kv_type {self.kv_type} needs flash_attn: true")
+        return self
+
+
+class HomefleetConfig(_Strict):
+    gateway: GatewayConfig = Field(default_factory=GatewayConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    models: list[ModelConfig] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _names_unique(self) -> "HomefleetConfig":
+        seen: set[str] = set()
+        for index, model in enumerate(self.models):
+            if model.name in seen:
+                raise ValueError(f"models[{index}].name: duplicate model name {model.name!r}")
+            seen.add(model.name)
+        return self
+
+
+def _field_path(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        message = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
+        message = message.removeprefix("Value error, ")
+        lines.append(f"{_field_path(err['loc'])}: {message}")
+    return "; ".join(lines)
+
+
+def parse_config(data: object, source: str = "config") -> HomefleetConfig:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        return HomefleetConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: {describe_validation_error(exc)}") from None
+
+
+def load_config(path: str | Path) -> HomefleetConfig:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    return parse_config(data, source=str(path))

@@ -1,0 +1,348 @@
+"""The control loop: observed nodes + desired models + running replicas -> placement ->
+start/stop replicas -> replicas report measured memory -> the ledger trusts it.
+
+Runs as an asyncio task in the orchestrator process, beside the gateway; the router reads
+its replica table. Ray is reached only through `RayCluster` (orchestrator/ray_actors.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+
+from orchestrator.cluster_view import ClusterView, ModelView, NodeView, ReplicaView
+from orchestrator.config import HomefleetConfig, ModelConfig
+from orchestrator.core.hardware import NodeHardware
+from orchestrator.core.placement import Assignment, NodeSnapshot, Reservation, place, snapshot_from_hardware
+from orchestrator.demand import demands_for
+from orchestrator.ray_actors import RayCluster
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class NodeRecord:
+    node_id: str
+    address: str
+    is_head: bool
+    name: str | None = None
+    alive: bool = True
+    agent: object = None
+    hardware: NodeHardware | None = None
+    reported_at: float | None = None
+    model_files: dict[str, str] = field(default_factory=dict)  # model -> path on that node
+    requests_served: int = 0
+
+
+@dataclass
+class ReplicaRecord:
+    model: str
+    index: int
+    node_id: str
+    node_name: str
+    assignment: Assignment
+    handle: object
+    state: str = "loading"
+    reason: str | None = None
+    info: dict = field(default_factory=dict)
+    in_flight: int = 0
+    served: int = 0
+
+    @property
+    def replica_id(self) -> str:
+        return f"{self.model}#{self.index}"
+
+
+class Controller:
+    def __init__(self, config: HomefleetConfig, cluster: RayCluster, interval_s: float | None = None) -> None:
+        self.config = config
+        self.cluster = cluster
+        self.interval_s = interval_s or config.cluster.report_interval_s
+        self.nodes: dict[str, NodeRecord] = {}
+        self.replicas: dict[tuple[str, int], ReplicaRecord] = {}
+        self.model_problems: dict[str, str] = {}  # model -> why it has no replica (failed)
+        self.unplaced: dict[str, dict[str, str]] = {}  # model -> node -> reason
+        self.shapes: dict[str, object] = {}
+        self.failed_keys: dict[tuple[str, int], ReplicaRecord] = {}
+        self._task: asyncio.Task | None = None
+        self._loads: set[asyncio.Task] = set()
+        self.ticks = 0
+
+    @property
+    def models(self) -> dict[str, ModelConfig]:
+        return {m.name: m for m in self.config.models}
+
+    # ---- loop --------------------------------------------------------------------------
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="homefleet-controller")
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.tick()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("controller tick failed")
+            await asyncio.sleep(self.interval_s)
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+        for task in list(self._loads):
+            task.cancel()
+        for record in list(self.replicas.values()) + list(self.failed_keys.values()):
+            self.cluster.kill(record.handle)
+        for node in self.nodes.values():
+            if node.agent is not None:
+                self.cluster.kill(node.agent)
+        self.replicas.clear()
+
+    async def tick(self) -> None:
+        await self._refresh_nodes()
+        await self._poll_agents()
+        await self._load_shapes()
+        self._reconcile()
+        self.ticks += 1
+
+    # ---- observe -----------------------------------------------------------------------
+    async def _refresh_nodes(self) -> None:
+        seen = set()
+        for node in await asyncio.to_thread(self.cluster.list_nodes):
+            seen.add(node.node_id)
+            record = self.nodes.get(node.node_id)
+            if record is None:
+                record = self.nodes[node.node_id] = NodeRecord(node.node_id, node.address, node.is_head, node.name)
+            record.alive = node.alive
+            if node.alive and record.agent is None:
+                record.agent = self.cluster.start_agent(node.node_id)
+        for node_id, record in self.nodes.items():
+            if node_id not in seen:
+                record.alive = False
+        for key, replica in list(self.replicas.items()):
+            node = self.nodes.get(replica.node_id)
+            if node is None or not node.alive:
+                log.warning("node %s is gone: %s will be placed again", replica.node_name, replica.replica_id)
+                self.cluster.kill(replica.handle)
+                del self.replicas[key]
+
+    async def _poll_agents(self) -> None:
+        paths = {m.name: m.path for m in self.config.models if m.path}
+        alive = [n for n in self.nodes.values() if n.alive and n.agent is not None]
+        reports = await asyncio.gather(
+            *(self.cluster.report(n.agent, paths, timeout_s=max(5.0, 2 * self.interval_s)) for n in alive),
+            return_exceptions=True,
+        )
+        for node, report in zip(alive, reports):
+            if isinstance(report, BaseException):
+                log.debug("no report from %s: %s", node.name or node.node_id, report)
+                continue
+            node.name = report["name"]
+            node.address = report["address"]
+            node.hardware = NodeHardware.model_validate(report["hardware"])
+            node.model_files = report["model_files"]
+            node.reported_at = report["reported_at"]
+
+    async def _load_shapes(self) -> None:
+        """Read each model's GGUF header once: here if the file is here, else on a node that has it."""
+        for model in self.config.models:
+            if model.name in self.shapes:
+                continue
+            holder = next((n for n in self.nodes.values() if n.alive and model.name in n.model_files), None)
+            try:
+                if model.path and os.path.isfile(model.path):
+                    from orchestrator.core.model_shape import shape_from_gguf
+
+                    shape = await asyncio.to_thread(shape_from_gguf, model.path)
+                elif holder is not None:
+                    shape = await self.cluster.read_shape(holder.agent, model.path)
+                elif model.catalog:
+                    from orchestrator.core.catalog import lookup
+
+                    shape = lookup(model.catalog)
+                    if shape is None:
+                        raise LookupError(f"unknown catalog model {model.catalog!r}")
+                else:
+                    self.model_problems[model.name] = f"file not found on any node: {model.path}"
+                    continue
+            except Exception as exc:
+                self.model_problems[model.name] = _shape_problem(model, exc)
+                continue
+            self.shapes[model.name] = shape
+            self.model_problems.pop(model.name, None)
+
+    # ---- decide and act ----------------------------------------------------------------
+    def _snapshots(self) -> list[NodeSnapshot]:
+        out = []
+        for node in self.nodes.values():
+            if node.alive and node.hardware is not None and node.name:
+                out.append(snapshot_from_hardware(node.hardware, set(node.model_files)))
+        return out
+
+    def _reservations(self) -> dict[str, Reservation]:
+        """Memory our replicas hold that measurement does not show yet (or ever, on a declared GPU)."""
+        vram: dict[str, dict[int, int]] = {}
+        ram: dict[str, int] = {}
+        for replica in self.replicas.values():
+            node = self.nodes.get(replica.node_id)
+            a = replica.assignment
+            loading = replica.state == "loading"
+            declared_gpu = node is not None and node.hardware is not None and node.hardware.source == "file"
+            if a.gpu_index is not None and (loading or declared_gpu):
+                by_gpu = vram.setdefault(a.node, {})
+                by_gpu[a.gpu_index] = by_gpu.get(a.gpu_index, 0) + a.gpu_bytes
+            if loading:
+                ram[a.node] = ram.get(a.node, 0) + a.ram_bytes
+        return {n: Reservation(vram.get(n, {}), ram.get(n, 0)) for n in set(vram) | set(ram)}
+
+    def _reconcile(self) -> None:
+        wanted = [m for m in self.config.models if m.name in self.shapes]
+        demands = demands_for(
+            wanted,
+            shape_loader=lambda m: self.shapes[m.name],
+            on_problem=lambda name, why: self.model_problems.__setitem__(name, why),
+        )
+        demands = [d for d in demands if (d.model, d.replica) not in self.failed_keys]
+        current = [r.assignment for r in self.replicas.values()]
+        result = place(self._snapshots(), demands, current=current, reserved=self._reservations())
+        self.unplaced = {}
+        for miss in result.unplaced:
+            self.unplaced.setdefault(miss.model, miss.reasons)
+        by_name = {n.name: n for n in self.nodes.values() if n.alive}
+        for assignment in result.assignments:
+            key = (assignment.model, assignment.replica)
+            if key in self.replicas or assignment.node not in by_name:
+                continue
+            self._start_replica(self.models[assignment.model], assignment, by_name[assignment.node])
+
+    def _start_replica(self, model: ModelConfig, assignment: Assignment, node: NodeRecord) -> None:
+        settings = {
+            "model_name": model.name,
+            "path": node.model_files.get(model.name, model.path),
+            "n_ctx": model.context,
+            "n_gpu_layers": assignment.gpu_layers,
+            "n_threads": model.n_threads,
+            "chat_format": model.chat_format,
+            "flash_attn": model.flash_attn,
+            "kv_type": model.kv_type,
+            "embedding": model.embedding,
+        }
+        record = ReplicaRecord(
+            model=model.name,
+            index=assignment.replica,
+            node_id=node.node_id,
+            node_name=node.name or node.node_id,
+            assignment=assignment,
+            handle=None,
+        )
+        record.handle = self.cluster.start_replica(node.node_id, record.replica_id, settings)
+        self.replicas[(model.name, assignment.replica)] = record
+        log.info("starting %s on %s (%s, %d/%d layers on GPU)", record.replica_id, record.node_name,
+                 assignment.kind, assignment.gpu_layers, assignment.n_layers)
+        task = asyncio.create_task(self._load(record))
+        self._loads.add(task)
+        task.add_done_callback(self._loads.discard)
+
+    async def _load(self, record: ReplicaRecord) -> None:
+        try:
+            info = await self.cluster.load(record.handle)
+        except Exception as exc:
+            info = {"state": "failed", "reason": f"replica process died while loading: {exc}"}
+        record.info = info
+        record.state = info.get("state", "failed")
+        record.reason = info.get("reason")
+        if record.state == "failed":
+            # Stays failed with its reason; the other models keep serving.
+            log.warning("%s failed: %s", record.replica_id, record.reason)
+            self.replicas.pop((record.model, record.index), None)
+            self.failed_keys[(record.model, record.index)] = record
+            self.cluster.kill(record.handle)
+
+    # ---- read by the router and the views ----------------------------------------------
+    def ready_replicas(self, model: str) -> list[ReplicaRecord]:
+        return [r for r in self.replicas.values() if r.model == model and r.state == "ready"]
+
+    def model_state(self, name: str) -> tuple[str, str | None]:
+        replicas = [r for r in self.replicas.values() if r.model == name]
+        failed = [r for (m, _), r in self.failed_keys.items() if m == name]
+        if any(r.state == "ready" for r in replicas):
+            return "ready", None
+        if any(r.state == "loading" for r in replicas):
+            return "loading", None
+        if failed:
+            return "failed", failed[0].reason
+        if name in self.model_problems:
+            return "failed", self.model_problems[name]
+        if name in self.unplaced:
+            return "pending", "not placed: " + "; ".join(self.unplaced[name].values())
+        return "pending", "waiting for node reports" if self.ticks < 2 else "waiting"
+
+    def node_name(self, node_id: str) -> str:
+        node = self.nodes.get(node_id)
+        return (node.name if node and node.name else node_id)
+
+    def view(self) -> ClusterView:
+        nodes = []
+        for node in self.nodes.values():
+            if node.hardware is None:
+                continue
+            nodes.append(
+                NodeView(
+                    name=node.name or node.node_id,
+                    address=node.address,
+                    ray_node_id=node.node_id,
+                    state="alive" if node.alive else "gone",
+                    is_head=node.is_head,
+                    hardware=node.hardware,
+                    reported_at=node.reported_at,
+                    model_files=sorted(node.model_files),
+                    requests_served=node.requests_served,
+                )
+            )
+        models = []
+        for model in self.config.models:
+            state, reason = self.model_state(model.name)
+            replicas = [_replica_view(r) for r in self.replicas.values() if r.model == model.name]
+            replicas += [_replica_view(r) for (m, _), r in self.failed_keys.items() if m == model.name]
+            for index in range(model.replicas):
+                if (model.name, index) not in self.replicas and (model.name, index) not in self.failed_keys:
+                    replicas.append(ReplicaView(replica_id=f"{model.name}#{index}", state=state if state != "ready" else "pending", reason=reason or self._unplaced_reason(model.name)))
+            models.append(
+                ModelView(name=model.name, path=model.path, context=model.context, state=state, reason=reason, replicas=replicas)
+            )
+        return ClusterView(nodes=nodes, models=models, generated_at=time.time())
+
+    def _unplaced_reason(self, model: str) -> str | None:
+        reasons = self.unplaced.get(model)
+        return "not placed: " + "; ".join(reasons.values()) if reasons else None
+
+
+def _replica_view(r: ReplicaRecord) -> ReplicaView:
+    memory = r.info.get("memory") or {}
+    a = r.assignment
+    return ReplicaView(
+        replica_id=r.replica_id,
+        node=r.node_name,
+        state=r.state,
+        reason=r.reason,
+        gpu_index=a.gpu_index,
+        gpu_layers=a.gpu_layers,
+        total_layers=a.n_layers,
+        estimated_gpu_bytes=a.gpu_bytes,
+        estimated_ram_bytes=a.ram_bytes,
+        measured_gpu_bytes=memory.get("vram_bytes"),
+        measured_ram_bytes=memory.get("rss_bytes"),
+        load_seconds=r.info.get("load_seconds"),
+        in_flight=r.in_flight,
+        requests_served=r.served,
+    )
+
+
+def _shape_problem(model: ModelConfig, exc: Exception) -> str:
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, FileNotFoundError):
+        return f"file not found: {model.path}"
+    return f"cannot read {model.path or model.catalog}: {text}"

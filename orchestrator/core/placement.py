@@ -1,0 +1,528 @@
+"""Which node (and GPU) runs each replica: a pure function over snapshots.
+
+`place(nodes, demands, current, reserved)` returns a `PlacementResult`: one `Assignment`
+per replica it could place and one `Unplaced` (with one reason per node, in numbers) per
+replica it could not. "Does not fit" is a value, never an exception. No I/O, no clock.
+
+Rules (DESIGN.md "Placement rules"), tried in this order for each replica:
+1. Whole on one GPU: among the GPUs that hold all layers with a margin (and whose node's
+   RAM holds the rest), the smallest card by total VRAM, ties to the most usable VRAM,
+   then node name and GPU index. Small models land on the laptops so the big card stays
+   free for big models.
+2. Split GPU/CPU: the GPU that takes the most layers while its node's RAM holds the rest;
+   ties to the most usable RAM, then node name and GPU index.
+3. CPU only, on the node with the most usable RAM (ties to the node name).
+4. Not placed, with one reason per node.
+A gpu_layers override replaces rules 1-3: exactly that many layers on the smallest card
+that holds them (0: rule 3).
+
+Order: replicas are taken pinned first, then by whole-GPU need (largest first), then
+model name and replica, in two passes per group (pinned, then the others): first every
+replica that fits whole on a GPU (and every override), then the rest (split, CPU,
+reasons). So big models get the big card, and a model that fits no card whole never
+takes, by a split, the card a smaller model fits on whole. Output follows the order of
+`demands`.
+
+Memory a node can give ("usable") is the measured free figure (other programs included)
+minus a safety margin, minus reservations in flight (`reserved`, and replicas placed
+earlier in the same call):
+- VRAM: free - max(256 MiB, 5% of the card's total) - the model's keep_free_vram_bytes;
+- RAM:  free - max(1 GiB, 5% of the node's total RAM). The RAM figure is "available"
+  memory, which already excludes the OS and other programs, so the margin only covers
+  their growth and estimation error (3.2 GiB on a 64 GiB machine).
+Both are `Margins` defaults that a caller can change.
+
+A replica in `current` whose node is alive stays where it is (its memory is already in
+the measured figures, so it is not counted again), unless the user asked for a move: its
+model is now pinned to another node, or its gpu_layers override changed (then the old
+copy's memory still counts on its node until the caller stops it: a conservative plan).
+One replica runs on one GPU (no multi-GPU tensor split); a CPU replica claims no VRAM.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, NamedTuple
+
+from orchestrator.core.hardware import GIB, MIB, NodeHardware, format_bytes
+from orchestrator.core.memory import MemoryNeed, NeedFunction
+
+AssignmentKind = Literal["gpu", "split", "cpu"]
+
+
+@dataclass(frozen=True)
+class GpuSnapshot:
+    index: int
+    name: str
+    vram_total_bytes: int
+    vram_free_bytes: int
+
+
+@dataclass(frozen=True)
+class NodeSnapshot:
+    """A node as placement sees it. Free figures are measured (other programs included).
+
+    model_files: names of the models whose file the node holds; None means unknown (any).
+    ram_total_bytes: for the RAM margin; 0 means unknown (the free figure is used).
+    """
+
+    name: str
+    alive: bool
+    ram_free_bytes: int
+    gpus: tuple[GpuSnapshot, ...] = ()
+    model_files: frozenset[str] | None = None
+    ram_total_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class ModelDemand:
+    """One replica to place.
+
+    n_layers: offloadable units (blocks + output layer); need(k) for k in 0..n_layers.
+    gpu_layers: user override, exactly this many layers on the GPU (0 = CPU only; a
+    negative value or one above n_layers means all layers).
+    """
+
+    model: str
+    replica: int
+    n_layers: int
+    need: NeedFunction = field(compare=False)
+    pin_node: str | None = None
+    gpu_layers: int | None = None
+    keep_free_vram_bytes: int = 0
+
+    def __post_init__(self) -> None:
+        if self.n_layers < 0:
+            raise ValueError(f"{self.model}: n_layers must be >= 0, got {self.n_layers}")
+        if self.keep_free_vram_bytes < 0:
+            raise ValueError(f"{self.model}: keep_free_vram_bytes must be >= 0")
+
+    @property
+    def fixed_gpu_layers(self) -> int | None:
+        """The override clamped to 0..n_layers (negative = all), or None when unset."""
+        if self.gpu_layers is None:
+            return None
+        if self.gpu_layers < 0 or self.gpu_layers > self.n_layers:
+            return self.n_layers
+        return self.gpu_layers
+
+
+@dataclass(frozen=True)
+class Assignment:
+    model: str
+    replica: int
+    node: str
+    gpu_index: int | None
+    gpu_layers: int
+    n_layers: int
+    gpu_bytes: int
+    ram_bytes: int
+    kind: AssignmentKind
+
+
+@dataclass(frozen=True)
+class Unplaced:
+    """A replica that fits nowhere; reasons maps node name -> why not, in numbers."""
+
+    model: str
+    replica: int
+    reasons: dict[str, str]
+
+    @property
+    def summary(self) -> str:
+        if not self.reasons:
+            return "no nodes in the cluster"
+        return "; ".join(f"{node}: {reason}" for node, reason in self.reasons.items())
+
+
+@dataclass(frozen=True)
+class PlacementResult:
+    assignments: tuple[Assignment, ...]
+    unplaced: tuple[Unplaced, ...]
+
+
+class Reservation(NamedTuple):
+    """Memory promised on a node but not yet in its measured figures (replicas loading)."""
+
+    vram_bytes_by_gpu: Mapping[int, int]
+    ram_bytes: int
+
+
+@dataclass(frozen=True)
+class Margins:
+    vram_min_bytes: int = 256 * MIB
+    vram_fraction: float = 0.05
+    ram_min_bytes: int = 1 * GIB
+    ram_fraction: float = 0.05
+
+    def vram_bytes(self, total_bytes: int) -> int:
+        return max(self.vram_min_bytes, int(total_bytes * self.vram_fraction))
+
+    def ram_bytes(self, total_bytes: int) -> int:
+        return max(self.ram_min_bytes, int(total_bytes * self.ram_fraction))
+
+
+DEFAULT_MARGINS = Margins()
+
+
+def snapshot_from_hardware(hw: NodeHardware, model_files: frozenset[str] | set[str] | None = None) -> NodeSnapshot:
+    """A live snapshot of a hardware report or file (free = total where not measured)."""
+    return NodeSnapshot(
+        name=hw.name,
+        alive=True,
+        ram_free_bytes=hw.ram_available,
+        ram_total_bytes=int(hw.ram_total_bytes),
+        gpus=tuple(GpuSnapshot(g.index, g.name, int(g.vram_total_bytes), g.vram_free) for g in hw.gpus),
+        model_files=None if model_files is None else frozenset(model_files),
+    )
+
+
+def reservations_for(assignments: Sequence[Assignment]) -> dict[str, Reservation]:
+    """What `assignments` (replicas still loading) hold per node, as `place` takes it."""
+    vram: dict[str, dict[int, int]] = {}
+    ram: dict[str, int] = {}
+    for a in assignments:
+        by_gpu = vram.setdefault(a.node, {})
+        if a.gpu_index is not None:
+            by_gpu[a.gpu_index] = by_gpu.get(a.gpu_index, 0) + a.gpu_bytes
+        ram[a.node] = ram.get(a.node, 0) + a.ram_bytes
+    return {node: Reservation(vram[node], ram[node]) for node in vram}
+
+
+# ---------------------------------------------------------------- the ledger of one call
+
+
+class _Gpu:
+    __slots__ = ("node", "index", "total_bytes", "free_bytes", "usable_bytes", "claimed_bytes", "_room_texts")
+
+    def __init__(self, node: str, gpu: GpuSnapshot, reserved_bytes: int, margins: Margins) -> None:
+        self.node = node
+        self.index = gpu.index
+        self.total_bytes = gpu.vram_total_bytes
+        self.free_bytes = gpu.vram_free_bytes
+        self.usable_bytes = gpu.vram_free_bytes - margins.vram_bytes(gpu.vram_total_bytes) - reserved_bytes
+        self.claimed_bytes = reserved_bytes  # in flight before this call, and placed in it
+        self._room_texts: dict[int, str] = {}
+
+    def take(self, vram_bytes: int) -> None:
+        self.usable_bytes -= vram_bytes
+        self.claimed_bytes += vram_bytes
+        self._room_texts.clear()
+
+    def room_text(self, keep_free_bytes: int) -> str:
+        """'4.1 GiB usable (5.0 GiB free)', formatted once per state (reasons are many)."""
+        text = self._room_texts.get(keep_free_bytes)
+        if text is None:
+            text = self._room_texts[keep_free_bytes] = _room(
+                self.usable_bytes - keep_free_bytes, self.free_bytes, self.claimed_bytes
+            )
+        return text
+
+
+class _Node:
+    __slots__ = ("snapshot", "name", "free_ram_bytes", "usable_ram_bytes", "claimed_ram_bytes", "gpus", "_room_text")
+
+    def __init__(self, snapshot: NodeSnapshot, reserved: Reservation | None, margins: Margins) -> None:
+        vram_reserved = reserved.vram_bytes_by_gpu if reserved else {}
+        self.snapshot = snapshot
+        self.name = snapshot.name
+        self.free_ram_bytes = snapshot.ram_free_bytes
+        ram_total = snapshot.ram_total_bytes or snapshot.ram_free_bytes
+        self.claimed_ram_bytes = reserved.ram_bytes if reserved else 0
+        self.usable_ram_bytes = snapshot.ram_free_bytes - margins.ram_bytes(ram_total) - self.claimed_ram_bytes
+        self.gpus = [_Gpu(snapshot.name, g, vram_reserved.get(g.index, 0), margins) for g in snapshot.gpus]
+        self._room_text: str | None = None
+
+    def take(self, ram_bytes: int) -> None:
+        self.usable_ram_bytes -= ram_bytes
+        self.claimed_ram_bytes += ram_bytes
+        self._room_text = None
+
+    def room_text(self) -> str:
+        if self._room_text is None:
+            self._room_text = _room(self.usable_ram_bytes, self.free_ram_bytes, self.claimed_ram_bytes)
+        return self._room_text
+
+
+_Choice = tuple[_Node, _Gpu | None, int]  # node, GPU (None: CPU only), layers on the GPU
+
+
+class _Need:
+    """need(k) of one demand, each k computed once; the layer search memoized by VRAM."""
+
+    __slots__ = ("demand", "key", "_cache", "_texts", "_within")
+
+    def __init__(self, demand: ModelDemand) -> None:
+        self.demand = demand
+        self.key = (demand.model, demand.replica)
+        self._cache: dict[int, MemoryNeed] = {}
+        self._texts: dict[int, str] = {}
+        self._within: dict[int, int] = {}
+
+    def at(self, k: int) -> MemoryNeed:
+        need = self._cache.get(k)
+        if need is None:
+            need = self._cache[k] = self.demand.need(k)
+        return need
+
+    def gpu_text(self, k: int) -> str:
+        return self._text(k, self.at(k).gpu_bytes)
+
+    def ram_text(self, k: int) -> str:
+        return self._text(-1 - k, self.at(k).ram_bytes)
+
+    def _text(self, key: int, n_bytes: int) -> str:
+        text = self._texts.get(key)
+        if text is None:
+            text = self._texts[key] = format_bytes(n_bytes)
+        return text
+
+    def most_layers_within(self, vram_bytes: int) -> int:
+        """Largest k in 0..n_layers with need(k).gpu_bytes <= vram_bytes (binary search)."""
+        k = self._within.get(vram_bytes)
+        if k is None:
+            k = self._within[vram_bytes] = self._search_layers(vram_bytes)
+        return k
+
+    def _search_layers(self, vram_bytes: int) -> int:
+        n = self.demand.n_layers
+        if n <= 0 or self.at(1).gpu_bytes > vram_bytes:
+            return 0
+        if self.at(n).gpu_bytes <= vram_bytes:
+            return n
+        lo, hi = 1, n - 1  # need(lo) fits, need(hi + 1) does not
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if self.at(mid).gpu_bytes <= vram_bytes:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
+
+# ---------------------------------------------------------------- the public function
+
+
+def place(
+    nodes: Sequence[NodeSnapshot],
+    demands: Sequence[ModelDemand],
+    current: Sequence[Assignment] = (),
+    reserved: Mapping[str, Reservation | tuple[Mapping[int, int], int]] | None = None,
+    margins: Margins = DEFAULT_MARGINS,
+) -> PlacementResult:
+    """Place every demand (see the module docstring for the rules)."""
+    ledger: dict[str, _Node] = {}
+    for snapshot in nodes:
+        if snapshot.name in ledger:
+            raise ValueError(f"two nodes named {snapshot.name!r}")
+        held = (reserved or {}).get(snapshot.name)
+        ledger[snapshot.name] = _Node(snapshot, Reservation(*held) if held else None, margins)
+    ordered = sorted(ledger.values(), key=lambda n: n.name)
+
+    running: dict[tuple[str, int], Assignment] = {}
+    for a in current:
+        running.setdefault((a.model, a.replica), a)
+
+    outcome: dict[tuple[str, int], Assignment | Unplaced | None] = {}
+    to_place: list[_Need] = []
+    for demand in demands:
+        key = (demand.model, demand.replica)
+        if key in outcome:
+            continue
+        kept = running.get(key)
+        if kept is not None and _stays(kept, demand, ledger):
+            outcome[key] = kept
+        else:
+            outcome[key] = None  # filled below; the dict keeps the input order
+            to_place.append(_Need(demand))
+
+    to_place.sort(key=_placing_order)
+    pinned = [need for need in to_place if need.demand.pin_node is not None]
+    for group in (pinned, to_place[len(pinned):]):  # pinned replicas have first call on their node
+        for need, chosen in _place_group(group, ordered, ledger):
+            outcome[need.key] = chosen
+
+    values = list(outcome.values())
+    return PlacementResult(
+        assignments=tuple(v for v in values if isinstance(v, Assignment)),
+        unplaced=tuple(v for v in values if isinstance(v, Unplaced)),
+    )
+
+
+def _place_group(
+    group: list[_Need], ordered: list[_Node], ledger: Mapping[str, _Node]
+) -> list[tuple[_Need, Assignment | Unplaced]]:
+    """Two passes over `group` (already in placing order): whole first, then the rest."""
+    placed: list[tuple[_Need, Assignment | Unplaced]] = []
+    rest: list[tuple[_Need, list[_Node]]] = []
+    for need in group:  # pass 1: whole on one GPU, or exactly the user's gpu_layers
+        candidates = [n for n in ordered if _why_excluded(n, need.demand) is None]
+        chosen = _choose_first(need, candidates)
+        if chosen is None:
+            rest.append((need, candidates))
+        else:
+            placed.append((need, _commit(need, *chosen)))
+    for need, candidates in rest:  # pass 2: split, else CPU only, else reasons
+        chosen = _choose_rest(need, candidates)
+        placed.append((need, _commit(need, *chosen) if chosen else _unplaced(need, ordered, ledger)))
+    return placed
+
+
+def _stays(running: Assignment, demand: ModelDemand, ledger: Mapping[str, _Node]) -> bool:
+    node = ledger.get(running.node)
+    if node is None or not node.snapshot.alive:
+        return False
+    if demand.pin_node is not None and demand.pin_node != running.node:
+        return False
+    fixed = demand.fixed_gpu_layers
+    return fixed is None or fixed == running.gpu_layers
+
+
+def _placing_order(need: _Need) -> tuple:
+    d = need.demand
+    whole_gpu_bytes = need.at(d.n_layers).gpu_bytes if d.n_layers else 0
+    return (d.pin_node is None, -whole_gpu_bytes, d.model, d.replica)
+
+
+def _choose_first(need: _Need, candidates: list[_Node]) -> _Choice | None:
+    fixed = need.demand.fixed_gpu_layers
+    if fixed == 0:
+        return _choose_cpu(need, candidates)
+    return _choose_smallest_gpu(need, candidates, need.demand.n_layers if fixed is None else fixed)
+
+
+def _choose_rest(need: _Need, candidates: list[_Node]) -> _Choice | None:
+    if need.demand.fixed_gpu_layers is not None:
+        return None  # the override fitted nowhere in pass 1, and memory only shrank since
+    return _choose_split(need, candidates) or _choose_cpu(need, candidates)
+
+
+def _unplaced(need: _Need, ordered: list[_Node], ledger: Mapping[str, _Node]) -> Unplaced:
+    d = need.demand
+    reasons = {n.name: _why_excluded(n, d) or _why_not_fits(need, n, d.fixed_gpu_layers) for n in ordered}
+    if d.pin_node is not None and d.pin_node not in ledger:
+        reasons[d.pin_node] = "pinned node is not in the cluster"
+    return Unplaced(d.model, d.replica, {name: reasons[name] for name in sorted(reasons)})
+
+
+def _why_excluded(node: _Node, d: ModelDemand) -> str | None:
+    if d.pin_node is not None and node.name != d.pin_node:
+        return f"{d.model} is pinned to {d.pin_node}"
+    if not node.snapshot.alive:
+        return "node is gone"
+    files = node.snapshot.model_files
+    if files is not None and d.model not in files:
+        return f"does not have the file of {d.model}"
+    return None
+
+
+def _vram_for(gpu: _Gpu, d: ModelDemand) -> int:
+    return gpu.usable_bytes - d.keep_free_vram_bytes
+
+
+def _choose_smallest_gpu(need: _Need, candidates: list[_Node], k: int) -> _Choice | None:
+    """Rule 1 (k = all layers) and the gpu_layers override: the smallest card that holds
+    k layers while its node's RAM holds the rest; ties to the most usable VRAM."""
+    if k <= 0:
+        return None
+    at_k = need.at(k)
+    best: tuple | None = None
+    choice: _Choice | None = None
+    for node in candidates:
+        if at_k.ram_bytes > node.usable_ram_bytes:
+            continue
+        for gpu in node.gpus:
+            vram = _vram_for(gpu, need.demand)
+            if at_k.gpu_bytes <= vram:
+                rank = (gpu.total_bytes, -vram, node.name, gpu.index)
+                if best is None or rank < best:
+                    best, choice = rank, (node, gpu, k)
+    return choice
+
+
+def _choose_split(need: _Need, candidates: list[_Node]) -> _Choice | None:
+    upper = need.demand.n_layers - 1
+    best: tuple | None = None
+    choice: _Choice | None = None
+    for node in candidates:
+        for gpu in node.gpus:
+            k = min(need.most_layers_within(_vram_for(gpu, need.demand)), upper)
+            if k <= 0 or need.at(k).ram_bytes > node.usable_ram_bytes:
+                continue  # fewer layers only need more RAM: this GPU cannot take any split
+            rank = (-k, -node.usable_ram_bytes, node.name, gpu.index)
+            if best is None or rank < best:
+                best, choice = rank, (node, gpu, k)
+    return choice
+
+
+def _choose_cpu(need: _Need, candidates: list[_Node]) -> _Choice | None:
+    ram_bytes = need.at(0).ram_bytes
+    fitting = [n for n in candidates if ram_bytes <= n.usable_ram_bytes]
+    if not fitting:
+        return None
+    node = min(fitting, key=lambda n: (-n.usable_ram_bytes, n.name))
+    return node, None, 0
+
+
+def _commit(need: _Need, node: _Node, gpu: _Gpu | None, k: int) -> Assignment:
+    """Record the choice and take its memory off the ledger (reservation in flight)."""
+    d = need.demand
+    at_k = need.at(k)
+    gpu_bytes = at_k.gpu_bytes if gpu is not None else 0
+    node.take(at_k.ram_bytes)
+    if gpu is not None:
+        gpu.take(gpu_bytes)
+    kind: AssignmentKind = "cpu" if gpu is None else ("gpu" if k == d.n_layers else "split")
+    return Assignment(
+        model=d.model,
+        replica=d.replica,
+        node=node.name,
+        gpu_index=None if gpu is None else gpu.index,
+        gpu_layers=k if gpu is not None else 0,
+        n_layers=d.n_layers,
+        gpu_bytes=gpu_bytes,
+        ram_bytes=at_k.ram_bytes,
+        kind=kind,
+    )
+
+
+# ---------------------------------------------------------------- reasons, in numbers
+
+
+def _layers(k: int) -> str:
+    return f"{k} layer" if k == 1 else f"{k} layers"
+
+
+def _room(usable_bytes: int, free_bytes: int, claimed_bytes: int) -> str:
+    """'5.7 GiB usable (16.0 GiB free, 9.5 GiB promised to other replicas)'."""
+    promised = f", {format_bytes(claimed_bytes)} promised to other replicas" if claimed_bytes else ""
+    return f"{format_bytes(max(0, usable_bytes))} usable ({format_bytes(free_bytes)} free{promised})"
+
+
+def _why_not_fits(need: _Need, node: _Node, fixed: int | None) -> str:
+    """One line that proves the replica fits nowhere on this node."""
+    d = need.demand
+    if fixed == 0:
+        return f"gpu_layers=0: needs {need.ram_text(0)} RAM on CPU, {node.room_text()}"
+    if fixed is not None and not node.gpus:
+        return f"gpu_layers={fixed} but the node has no GPU"
+    if not node.gpus or d.n_layers == 0:
+        return f"no GPU; needs {need.ram_text(0)} RAM on CPU, {node.room_text()}"
+    gpu = node.gpus[0] if len(node.gpus) == 1 else max(node.gpus, key=lambda g: (g.usable_bytes, -g.index))
+    vram = _vram_for(gpu, d)
+    layers = d.n_layers if fixed is None else fixed
+    gpu_label = f"GPU {gpu.index} " if len(node.gpus) > 1 else ""
+    keep = f" (keeping {format_bytes(d.keep_free_vram_bytes)} free)" if d.keep_free_vram_bytes else ""
+    vram_part = (
+        f"needs {need.gpu_text(layers)} VRAM for {_layers(layers)}{keep}, "
+        f"{gpu_label}{gpu.room_text(d.keep_free_vram_bytes)}"
+    )
+    if fixed is not None:
+        if need.at(fixed).gpu_bytes > vram:
+            return vram_part
+        return f"with {_layers(fixed)} on GPU needs {need.ram_text(fixed)} RAM, {node.room_text()}"
+    k = need.most_layers_within(vram)
+    if k == 0:
+        return f"{vram_part}; needs {need.ram_text(0)} RAM on CPU, {node.room_text()}"
+    return f"{vram_part}; with {_layers(k)} on GPU needs {need.ram_text(k)} RAM, {node.room_text()}"

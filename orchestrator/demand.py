@@ -1,0 +1,116 @@
+"""From the config's models to what placement takes: one ModelDemand per replica.
+
+The shape of a model (layers, tensor bytes, attention layout) comes from its GGUF header
+when the file is on this machine, else from the catalog; the memory estimate turns a shape
+and a context length into need(k). Both are passed in, so tests use fakes and the
+controller can read shapes on the nodes that hold the files.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from orchestrator.config import ModelConfig
+from orchestrator.core.hardware import MIB
+from orchestrator.core.memory import NeedFunction
+from orchestrator.core.placement import ModelDemand
+
+ModelShape = Any  # orchestrator.core.model_shape.ModelShape
+ShapeLoader = Callable[[ModelConfig], ModelShape]
+# (shape, model) -> (offloadable layers: blocks + output layer, need(k) for k in 0..layers)
+NeedBuilder = Callable[[ModelShape, ModelConfig], tuple[int, NeedFunction]]
+ProblemSink = Callable[[str, str], None]
+
+# What a loader or the estimate raises for a model it cannot size (GGUFError is a ValueError).
+SIZING_ERRORS = (OSError, ValueError, LookupError)
+
+
+class DemandError(ValueError):
+    """A configured model whose memory need cannot be known; the message names it."""
+
+
+def demands_for(
+    config_models: Sequence[ModelConfig],
+    shape_loader: ShapeLoader,
+    need_builder: NeedBuilder | None = None,
+    on_problem: ProblemSink | None = None,
+) -> list[ModelDemand]:
+    """One demand per replica, in config order (model, then replica 0..replicas-1).
+
+    A model that cannot be sized raises DemandError, or, with `on_problem`, is reported
+    there as (model name, why) and left out, so the other models still get placed.
+    """
+    build = need_builder or estimate_need
+    demands: list[ModelDemand] = []
+    for model in config_models:
+        if model.replicas == 0:
+            continue
+        try:
+            n_layers, need = build(shape_loader(model), model)
+        except SIZING_ERRORS as exc:
+            message = f"cannot estimate its memory: {exc}"
+            if on_problem is None:
+                raise DemandError(f"{model.name}: {message}") from exc
+            on_problem(model.name, message)
+            continue
+        shared_need = functools.lru_cache(maxsize=None)(need)  # replicas share one estimate
+        demands += [
+            ModelDemand(
+                model=model.name,
+                replica=replica,
+                n_layers=n_layers,
+                need=shared_need,
+                pin_node=model.node,
+                gpu_layers=model.gpu_layers,
+                keep_free_vram_bytes=model.keep_free_vram_mib * MIB,
+            )
+            for replica in range(model.replicas)
+        ]
+    return demands
+
+
+def estimate_need(shape: ModelShape, model: ModelConfig) -> tuple[int, NeedFunction]:
+    """The analytic estimate (orchestrator/core/estimate.py) at the model's context."""
+    from orchestrator.core.estimate import EstimateOptions, need_function
+
+    need = need_function(shape, EstimateOptions(n_ctx=model.context))
+    return offloadable_layers(shape), need
+
+
+def offloadable_layers(shape: ModelShape) -> int:
+    """Blocks + the output layer: what n_gpu_layers counts in llama.cpp."""
+    for name in ("n_offloadable_layers", "n_offloadable"):
+        value = getattr(shape, name, None)
+        if value is not None:
+            return int(value)
+    return int(shape.n_layers) + 1
+
+
+def default_shape_loader(model: ModelConfig, models_dir: str | Path | None = None) -> ModelShape:
+    """The GGUF header when the file is here; else the catalog entry (`catalog`, then the name)."""
+    path = resolve_model_path(model, models_dir)
+    if path is not None and path.is_file():
+        from orchestrator.core.model_shape import shape_from_gguf
+
+        return shape_from_gguf(path)
+    from orchestrator.core import catalog
+
+    for name in (model.catalog, model.name):
+        if name:
+            entry = catalog.lookup(name)
+            if entry is not None:
+                return getattr(entry, "shape", entry)
+    where = f"{path} is not on this machine" if path is not None else "no `path`"
+    raise LookupError(f"{where} and no catalog entry named {model.catalog or model.name!r}")
+
+
+def resolve_model_path(model: ModelConfig, models_dir: str | Path | None = None) -> Path | None:
+    if not model.path:
+        return None
+    path = Path(model.path).expanduser()
+    if not path.is_absolute() and models_dir is not None:
+        path = Path(models_dir).expanduser() / path
+    return path

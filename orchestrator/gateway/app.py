@@ -1,0 +1,212 @@
+"""The OpenAI-compatible endpoint, the cluster API, the dashboard and the probes.
+
+Built by `create_app(controller, config)`; the controller owns the replica table and the
+router reads it. Every error is OpenAI-shaped (gateway/errors.py).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import secrets
+import time
+from importlib import resources
+from typing import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
+
+from orchestrator.config import HomefleetConfig
+from orchestrator.controller import Controller, ReplicaRecord
+from orchestrator.core.routing import choose_replica
+from orchestrator.gateway.errors import error_body, error_response, install_error_handlers
+from orchestrator.gateway.metrics import render_metrics
+from orchestrator.gateway.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from worker.errors import RequestError
+
+PUBLIC_PATHS = {"/", "/healthz", "/readyz", "/favicon.ico"}
+
+
+def _is_loopback(host: str | None) -> bool:
+    if not host:
+        return False
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+class Router:
+    """Picks a replica for a model and keeps the in-flight counts honest."""
+
+    def __init__(self, controller: Controller, queue_per_replica: int) -> None:
+        self.controller = controller
+        self.queue_per_replica = queue_per_replica
+
+    def acquire(self, model: str) -> ReplicaRecord:
+        known = self.controller.models
+        if model not in known:
+            served = ", ".join(sorted(known)) or "none"
+            raise RequestError(
+                f"The model '{model}' does not exist. Models served here: {served}.",
+                status=404,
+                param="model",
+                code="model_not_found",
+            )
+        ready = self.controller.ready_replicas(model)
+        if not ready:
+            state, reason = self.controller.model_state(model)
+            detail = f": {reason}" if reason else ""
+            raise RequestError(f"The model '{model}' is {state}{detail}", status=503, type="server_error", code=f"model_{state}")
+        replica = choose_replica(ready, lambda r: r.in_flight, self.queue_per_replica)
+        if replica is None:
+            raise RequestError(
+                f"All {len(ready)} replica(s) of '{model}' are busy with full queues; retry shortly.",
+                status=503,
+                type="server_error",
+                code="overloaded",
+            )
+        replica.in_flight += 1
+        return replica
+
+    def release(self, replica: ReplicaRecord, served: bool) -> None:
+        replica.in_flight -= 1
+        if served:
+            replica.served += 1
+            node = self.controller.nodes.get(replica.node_id)
+            if node is not None:
+                node.requests_served += 1
+
+
+def _node_headers(replica: ReplicaRecord) -> dict[str, str]:
+    return {"x-homefleet-node": replica.node_name, "x-homefleet-replica": replica.replica_id}
+
+
+def _error_headers(exc: RequestError) -> dict[str, str] | None:
+    return {"Retry-After": "2"} if exc.status == 503 else None
+
+
+def create_app(controller: Controller, config: HomefleetConfig, api_key: str | None = None) -> FastAPI:
+    app = FastAPI(title="homefleet", version="0.1.0", docs_url="/docs", redoc_url=None)
+    install_error_handlers(app)
+    router = Router(controller, config.gateway.queue_per_replica)
+    api_key = api_key or config.gateway.api_key
+    dashboard_html = resources.files("orchestrator.gateway").joinpath("dashboard.html")
+
+    @app.middleware("http")
+    async def require_key_off_loopback(request: Request, call_next):
+        if request.url.path in PUBLIC_PATHS or _is_loopback(request.client.host if request.client else None):
+            return await call_next(request)
+        sent = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+        if not api_key:
+            message = "This gateway serves loopback only: set HOMEFLEET_API_KEY (or gateway.api_key) to admit other addresses."
+            return JSONResponse(status_code=401, content=error_body(message, "invalid_request_error", None, "invalid_api_key"))
+        if not secrets.compare_digest(sent.encode(), api_key.encode()):
+            message = "Incorrect API key provided: send 'Authorization: Bearer <HOMEFLEET_API_KEY>'."
+            return JSONResponse(status_code=401, content=error_body(message, "invalid_request_error", None, "invalid_api_key"))
+        return await call_next(request)
+
+    async def _whole(replica: ReplicaRecord, call) -> JSONResponse:
+        served = False
+        try:
+            result = await call
+            if "error" in result:
+                return error_response(RequestError.from_dict(result["error"]))
+            served = True
+            return JSONResponse(result, headers=_node_headers(replica))
+        except Exception as exc:  # the replica's process died under the request
+            raise RequestError(f"replica {replica.replica_id} on {replica.node_name} failed: {exc}", status=502, type="server_error") from exc
+        finally:
+            router.release(replica, served)
+
+    async def _stream(replica: ReplicaRecord, generator) -> StreamingResponse | JSONResponse:
+        try:
+            first = await (await generator.__anext__())
+        except Exception as exc:
+            router.release(replica, False)
+            raise RequestError(f"replica {replica.replica_id} on {replica.node_name} failed: {exc}", status=502, type="server_error") from exc
+        if isinstance(first, dict) and "error" in first:
+            router.release(replica, False)
+            return error_response(RequestError.from_dict(first["error"]))
+
+        async def forward() -> AsyncIterator[bytes]:
+            served = False
+            try:
+                async for ref in generator:
+                    yield await ref
+                served = True
+            except Exception as exc:
+                body = error_body(f"replica {replica.replica_id} failed mid-stream: {exc}", "server_error")
+                yield b"data: " + json.dumps(body).encode() + b"\n\n"
+            finally:
+                router.release(replica, served)
+
+        headers = {**_node_headers(replica), "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        return StreamingResponse(forward(), media_type="text/event-stream", headers=headers)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest):
+        replica = router.acquire(body.model)
+        messages, sampling = body.engine_messages(), body.sampling()
+        if body.stream:
+            return await _stream(replica, replica.handle.stream_chat.remote(messages, sampling))
+        return await _whole(replica, replica.handle.chat.remote(messages, sampling))
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest):
+        replica = router.acquire(body.model)
+        sampling = body.sampling()
+        if body.stream:
+            return await _stream(replica, replica.handle.stream_text.remote(body.prompt, sampling))
+        return await _whole(replica, replica.handle.complete.remote(body.prompt, sampling))
+
+    @app.post("/v1/embeddings")
+    async def embeddings(body: EmbeddingRequest):
+        replica = router.acquire(body.model)
+        return await _whole(replica, replica.handle.embed.remote(body.inputs()))
+
+    @app.get("/v1/models")
+    async def list_models():
+        data = []
+        for model in controller.config.models:
+            state, reason = controller.model_state(model.name)
+            nodes = sorted({r.node_name for r in controller.ready_replicas(model.name)})
+            data.append(
+                {
+                    "id": model.name,
+                    "object": "model",
+                    "created": int(app.state.started_at),
+                    "owned_by": "homefleet",
+                    "state": state,
+                    "nodes": nodes,
+                    "context_length": model.context,
+                }
+            )
+        return {"object": "list", "data": data}
+
+    @app.get("/api/cluster")
+    async def cluster():
+        return controller.view().model_dump(mode="json")
+
+    @app.get("/healthz")
+    async def healthz():
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz():
+        states = {m.name: controller.model_state(m.name)[0] for m in controller.config.models}
+        ready = bool(states) and all(s in ("ready", "failed") for s in states.values()) and any(
+            s == "ready" for s in states.values()
+        )
+        return JSONResponse({"ready": ready, "models": states}, status_code=200 if ready else 503)
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(render_metrics(controller.view()), media_type="text/plain; version=0.0.4")
+
+    @app.get("/", response_class=HTMLResponse)
+    async def dashboard():
+        return HTMLResponse(dashboard_html.read_text())
+
+    app.state.started_at = time.time()
+    return app

@@ -1,0 +1,67 @@
+"""OpenAI-shaped errors: `{"error": {"message", "type", "param", "code"}}` with the right status."""
+
+from __future__ import annotations
+
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from worker.errors import RequestError
+
+
+def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def error_response(exc: RequestError, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse(
+        status_code=exc.status,
+        content=error_body(exc.message, exc.type, exc.param, exc.code),
+        headers=headers,
+    )
+
+
+def _param_of(loc: tuple) -> str | None:
+    parts = [str(p) for p in loc if p != "body"]
+    out = ""
+    for part in parts:
+        out += f"[{part}]" if part.isdigit() else (f".{part}" if out else part)
+    return out or None
+
+
+async def _on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = exc.errors()
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
+    if first.get("type") == "json_invalid":
+        message = "We could not parse the JSON body of your request: " + str(first.get("ctx", {}).get("error", "invalid JSON"))
+        return JSONResponse(status_code=400, content=error_body(message, "invalid_request_error", None, "invalid_json"))
+    param = _param_of(tuple(first.get("loc", ())))
+    if first.get("type") == "missing":
+        message = f"Missing required parameter: '{param}'."
+        code = "missing_required_parameter"
+    elif first.get("type") == "model_attributes_type" and param is None:
+        message = "The request body must be a JSON object."
+        code = "invalid_type"
+    else:
+        message = f"Invalid value for '{param}': {first.get('msg', 'invalid')}."
+        code = "invalid_value"
+    return JSONResponse(status_code=400, content=error_body(message, "invalid_request_error", param, code))
+
+
+async def _on_request_error(request: Request, exc: RequestError) -> JSONResponse:
+    return error_response(exc)
+
+
+async def _on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    type_ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+    message = exc.detail if isinstance(exc.detail, str) else "request failed"
+    if exc.status_code == 404:
+        message = f"Unknown URL: {request.method} {request.url.path}"
+    return JSONResponse(status_code=exc.status_code, content=error_body(message, type_), headers=getattr(exc, "headers", None))
+
+
+def install_error_handlers(app) -> None:
+    app.add_exception_handler(RequestValidationError, _on_validation_error)
+    app.add_exception_handler(RequestError, _on_request_error)
+    app.add_exception_handler(StarletteHTTPException, _on_http_error)

@@ -1,0 +1,36 @@
+"""Prometheus text exposition of the cluster view (no client library needed)."""
+
+from __future__ import annotations
+
+from orchestrator.cluster_view import ClusterView
+
+
+def _labels(**values: object) -> str:
+    inner = ",".join(f'{k}="{str(v).replace(chr(34), chr(39))}"' for k, v in values.items())
+    return "{" + inner + "}"
+
+
+def render_metrics(view: ClusterView) -> str:
+    lines: list[str] = []
+
+    def metric(name: str, kind: str, help_text: str, samples: list[tuple[dict, float]]) -> None:
+        lines.append(f"# HELP {name} {help_text}")
+        lines.append(f"# TYPE {name} {kind}")
+        lines.extend(f"{name}{_labels(**labels)} {value}" for labels, value in samples)
+
+    metric("homefleet_node_up", "gauge", "1 while the node is alive.",
+           [({"node": n.name}, 1 if n.state == "alive" else 0) for n in view.nodes])
+    metric("homefleet_node_ram_available_bytes", "gauge", "RAM available on the node.",
+           [({"node": n.name}, n.hardware.ram_available) for n in view.nodes])
+    metric("homefleet_gpu_vram_free_bytes", "gauge", "Free VRAM per GPU.",
+           [({"node": n.name, "gpu": g.index}, g.vram_free) for n in view.nodes for g in n.hardware.gpus])
+    metric("homefleet_node_requests_total", "counter", "Requests served by the node.",
+           [({"node": n.name}, n.requests_served) for n in view.nodes])
+    replicas = [(m, r) for m in view.models for r in m.replicas]
+    metric("homefleet_replica_ready", "gauge", "1 while the replica serves.",
+           [({"model": m.name, "replica": r.replica_id, "node": r.node or ""}, 1 if r.state == "ready" else 0) for m, r in replicas])
+    metric("homefleet_replica_in_flight", "gauge", "Requests running or queued on the replica.",
+           [({"model": m.name, "replica": r.replica_id}, r.in_flight) for m, r in replicas])
+    metric("homefleet_replica_requests_total", "counter", "Requests the replica served.",
+           [({"model": m.name, "replica": r.replica_id}, r.requests_served) for m, r in replicas])
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,79 @@
+"""The controller's hands on Ray: list nodes, start agents and replicas on a given node,
+call them with timeouts, kill them. Everything Ray-specific the controller needs is here."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from orchestrator.ray_cluster import NODE_NAME_LABEL
+from worker.agent import agent_actor_class
+from worker.replica import replica_actor_class
+
+
+@dataclass(frozen=True)
+class RayNode:
+    node_id: str
+    address: str
+    alive: bool
+    is_head: bool
+    name: str | None
+
+
+class RayCluster:
+    def __init__(self, replica_concurrency: int = 4) -> None:
+        self._agent_cls = agent_actor_class()
+        self._replica_cls = replica_actor_class(replica_concurrency)
+
+    def list_nodes(self) -> list[RayNode]:
+        out = []
+        for node in ray.nodes():
+            labels = node.get("Labels") or {}
+            resources = node.get("Resources") or {}
+            out.append(
+                RayNode(
+                    node_id=node["NodeID"],
+                    address=node.get("NodeManagerAddress", ""),
+                    alive=bool(node.get("Alive")),
+                    is_head=any(k.startswith("node:__internal_head__") for k in resources) or bool(node.get("IsHead")),
+                    name=labels.get(NODE_NAME_LABEL),
+                )
+            )
+        return out
+
+    @staticmethod
+    def _on(node_id: str) -> NodeAffinitySchedulingStrategy:
+        return NodeAffinitySchedulingStrategy(node_id=node_id, soft=False)
+
+    def start_agent(self, node_id: str):
+        return self._agent_cls.options(scheduling_strategy=self._on(node_id)).remote()
+
+    async def report(self, agent, model_paths: dict[str, str], timeout_s: float) -> dict:
+        return await asyncio.wait_for(_awaitable(agent.report.remote(model_paths)), timeout_s)
+
+    async def read_shape(self, agent, path: str):
+        return await asyncio.wait_for(_awaitable(agent.read_shape.remote(path)), 60)
+
+    def start_replica(self, node_id: str, replica_id: str, settings: dict):
+        return self._replica_cls.options(
+            scheduling_strategy=self._on(node_id), name=None
+        ).remote(replica_id, settings)
+
+    async def load(self, handle) -> dict:
+        return await _awaitable(handle.load.remote())
+
+    @staticmethod
+    def kill(handle) -> None:
+        if handle is None:
+            return
+        try:
+            ray.kill(handle, no_restart=True)
+        except Exception:
+            pass  # already gone
+
+
+async def _awaitable(ref):
+    return await ref

@@ -1,0 +1,154 @@
+"""Starting and joining the Ray cluster, with token authentication on.
+
+The head and every worker run `ray start --block` as a child process that homefleet
+starts and stops by PID (never `ray stop`, which would kill every Ray process on the host).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+NODE_NAME_LABEL = "homefleet-node"
+TOKEN_FILE = Path("~/.config/homefleet/ray_token")
+
+
+def load_or_create_token(token_file: Path = TOKEN_FILE) -> str:
+    """The cluster's Ray token: $RAY_AUTH_TOKEN, else the one kept in ~/.config/homefleet."""
+    token = os.environ.get("RAY_AUTH_TOKEN")
+    if token:
+        return token
+    path = token_file.expanduser()
+    if path.is_file():
+        return path.read_text().strip()
+    token = secrets.token_hex(32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch(mode=0o600)
+    path.write_text(token + "\n")
+    return token
+
+
+def auth_environment(token: str) -> dict[str, str]:
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
+
+
+def lan_address() -> str:
+    """This machine's address on the LAN (the one a default route leaves from)."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("10.255.255.255", 1))  # no packet is sent for UDP connect
+            return s.getsockname()[0]
+    except OSError:
+        return "127.0.0.1"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class RayProcess:
+    """A `ray start --block` child process (head or worker) that we own."""
+
+    popen: subprocess.Popen
+    address: str
+
+    def stop(self, timeout_s: float = 20.0) -> None:
+        if self.popen.poll() is not None:
+            return
+        # SIGTERM lets `ray start --block` stop the raylet, GCS and workers it started.
+        os.killpg(self.popen.pid, signal.SIGTERM)
+        try:
+            self.popen.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.popen.pid, signal.SIGKILL)
+            self.popen.wait()
+
+
+def _ray_start(args: list[str], env_updates: dict[str, str], log_path: Path | None) -> subprocess.Popen:
+    env = {**os.environ, **env_updates}
+    env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    out = open(log_path, "ab") if log_path else subprocess.DEVNULL
+    cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--block", "--disable-usage-stats", *args]
+    return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _labels(node_name: str | None) -> list[str]:
+    return ["--labels", json.dumps({NODE_NAME_LABEL: node_name})] if node_name else []
+
+
+def start_head(
+    node_ip: str,
+    port: int,
+    token: str,
+    node_env: dict[str, str],
+    node_name: str | None,
+    log_path: Path | None = None,
+    timeout_s: float = 60.0,
+    num_cpus: int | None = None,
+) -> RayProcess:
+    args = [
+        "--head",
+        f"--node-ip-address={node_ip}",
+        f"--port={port}",
+        "--include-dashboard=false",
+        *_labels(node_name),
+    ]
+    if num_cpus is not None:
+        args.append(f"--num-cpus={num_cpus}")
+    popen = _ray_start(args, {**auth_environment(token), **node_env}, log_path)
+    address = f"{node_ip}:{port}"
+    _wait_for_port(node_ip, port, popen, timeout_s)
+    return RayProcess(popen, address)
+
+
+def join_cluster(
+    head_address: str,
+    token: str,
+    node_env: dict[str, str],
+    node_name: str | None,
+    node_ip: str | None = None,
+    log_path: Path | None = None,
+) -> RayProcess:
+    args = [f"--address={head_address}", *_labels(node_name)]
+    if node_ip:
+        args.append(f"--node-ip-address={node_ip}")
+    popen = _ray_start(args, {**auth_environment(token), **node_env}, log_path)
+    return RayProcess(popen, head_address)
+
+
+def _wait_for_port(host: str, port: int, popen: subprocess.Popen, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if popen.poll() is not None:
+            raise RuntimeError(f"ray start exited with code {popen.returncode} (is port {port} already in use?)")
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise TimeoutError(f"Ray head did not open {host}:{port} within {timeout_s:.0f} s")
+
+
+def connect(address: str, token: str, namespace: str = "homefleet") -> None:
+    """Connect this process to the cluster as a driver."""
+    import ray
+
+    os.environ.update(auth_environment(token))
+    ray.init(
+        address=address,
+        namespace=namespace,
+        log_to_driver=False,
+        logging_level="WARNING",
+        configure_logging=True,
+    )

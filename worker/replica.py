@@ -1,0 +1,144 @@
+"""ModelReplica: a Ray actor that owns one llama.cpp model in its own process.
+
+One request at a time reaches the model (a Llama is not thread-safe); the actor is
+threaded only so that `info()` answers while a request runs. Streams are yielded as
+ready-to-send server-sent-event bytes, so the gateway only forwards them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+import traceback
+from typing import Iterator
+
+import ray
+
+from worker.engine import Engine, EngineSettings
+from worker.errors import RequestError
+
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+def sse(payload: dict) -> bytes:
+    return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+
+
+class ModelReplicaImpl:
+    def __init__(self, replica_id: str, settings: dict) -> None:
+        self.replica_id = replica_id
+        self.settings = EngineSettings(**settings)
+        self.engine: Engine | None = None
+        self.state = "loading"
+        self.reason: str | None = None
+        self.lock = threading.Lock()
+        self.served = 0
+
+    # ---- lifecycle -------------------------------------------------------------------
+    def load(self) -> dict:
+        """Load the model; failure is a value with its reason, not a dead actor."""
+        with self.lock:
+            if self.engine is None and self.state != "failed":
+                try:
+                    if not os.path.isfile(self.settings.path):
+                        raise FileNotFoundError(f"model file not found on {socket.gethostname()}: {self.settings.path}")
+                    self.engine = Engine(self.settings)
+                    self.state = "ready"
+                except Exception as exc:  # the engine's errors are many; the reason is what matters
+                    self.state = "failed"
+                    self.reason = _load_failure_reason(self.settings.path, exc)
+        return self.info()
+
+    def info(self) -> dict:
+        out = {
+            "replica_id": self.replica_id,
+            "state": self.state,
+            "reason": self.reason,
+            "pid": os.getpid(),
+            "served": self.served,
+        }
+        if self.engine is not None:
+            out.update(self.engine.describe())
+            out["memory"] = self.engine.memory()
+        return out
+
+    # ---- requests --------------------------------------------------------------------
+    def _ready_engine(self) -> Engine:
+        if self.engine is None:
+            raise RequestError(
+                f"model '{self.settings.model_name}' is not ready ({self.state})", status=503, type="server_error"
+            )
+        return self.engine
+
+    def chat(self, messages: list[dict], sampling: dict) -> dict:
+        return self._whole(lambda e: e.chat(messages, sampling))
+
+    def complete(self, prompt: str, sampling: dict) -> dict:
+        return self._whole(lambda e: e.complete(prompt, sampling))
+
+    def embed(self, inputs: list[str]) -> dict:
+        return self._whole(lambda e: e.embed(inputs))
+
+    def _whole(self, call) -> dict:
+        try:
+            with self.lock:
+                result = call(self._ready_engine())
+                self.served += 1
+                return result
+        except RequestError as exc:
+            return {"error": exc.as_dict()}
+
+    def stream_chat(self, messages: list[dict], sampling: dict) -> Iterator:
+        yield from self._stream(lambda e: e.stream_chat(messages, sampling), sampling)
+
+    def stream_text(self, prompt: str, sampling: dict) -> Iterator:
+        yield from self._stream(lambda e: e.stream_text(prompt, sampling), sampling)
+
+    def _stream(self, start, sampling: dict) -> Iterator:
+        """First item: {"error": ...} or b"" (accepted); then SSE bytes, ending with [DONE]."""
+        with self.lock:
+            try:
+                chunks = start(self._ready_engine())
+            except RequestError as exc:
+                yield {"error": exc.as_dict()}
+                return
+            yield b""
+            include_usage = sampling.get("include_usage")
+            for chunk in chunks:
+                usage = chunk.pop("usage", None)
+                if usage is not None and include_usage:
+                    # OpenAI's stream_options.include_usage: a last chunk with no choices.
+                    yield sse(chunk)
+                    chunk = {**chunk, "choices": [], "usage": usage}
+                elif usage is not None:
+                    chunk["usage"] = usage
+                yield sse(chunk)
+            yield SSE_DONE
+            self.served += 1
+
+
+def _load_failure_reason(path: str, exc: Exception) -> str:
+    if isinstance(exc, FileNotFoundError):
+        return str(exc)
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+        if magic != b"GGUF":
+            return f"not a GGUF file: {path} (starts with {magic!r})"
+    except OSError as io_exc:
+        return f"cannot read {path}: {io_exc.strerror}"
+    detail = str(exc) or type(exc).__name__
+    return f"llama.cpp could not load {path}: {detail}"
+
+
+def replica_actor_class(max_concurrency: int = 4):
+    """The Ray actor class; built on demand so this module imports without a Ray runtime."""
+    return ray.remote(num_cpus=0, max_concurrency=max_concurrency, max_restarts=0)(ModelReplicaImpl)
+
+
+# Ray needs generator methods marked as streaming.
+ModelReplicaImpl.stream_chat = ray.method(num_returns="streaming")(ModelReplicaImpl.stream_chat)
+ModelReplicaImpl.stream_text = ray.method(num_returns="streaming")(ModelReplicaImpl.stream_text)
