@@ -17,6 +17,8 @@ import psutil
 import yaml
 
 TEST_RAY_TOKEN = "homefleet-test-token-0123456789abcdef"
+# Ray rewrites 127.0.0.1 to the LAN address; any other loopback address stays on loopback.
+LOOPBACK_NODE_IP = "127.0.0.2"
 
 
 def free_port() -> int:
@@ -25,7 +27,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_environment(**extra: str) -> dict[str, str]:
+def child_env(**extra: str) -> dict[str, str]:
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": TEST_RAY_TOKEN, "PYTHONUNBUFFERED": "1"}
     env.pop("HOMEFLEET_API_KEY", None)
     env.update(extra)
@@ -101,10 +103,10 @@ def homefleet_up(tmp_path: Path, *args: str, env: dict | None = None, wait_http:
     port, ray_port = free_port(), free_port()
     log_path = tmp_path / f"up-{port}.log"
     command = homefleet_command(
-        "up", "--port", str(port), "--ray-port", str(ray_port), "--node-ip-address", "127.0.0.1", *args
+        "up", "--port", str(port), "--ray-port", str(ray_port), "--node-ip-address", LOOPBACK_NODE_IP, *args
     )
     with open(log_path, "wb") as log:
-        popen = subprocess.Popen(command, env=env or test_environment(), stdout=log, stderr=subprocess.STDOUT)
+        popen = subprocess.Popen(command, env=env or child_env(), stdout=log, stderr=subprocess.STDOUT)
     running = RunningUp(popen, f"http://127.0.0.1:{port}", log_path)
     try:
         if wait_http:

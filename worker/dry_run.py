@@ -1,0 +1,235 @@
+"""llama.cpp's own memory figure for a model, without allocating it (run in a child process).
+
+    python -m worker.dry_run MODEL.gguf --ctx 8192 --gpu-layers 99 [--kv-type q8_0 --flash-attn] --json
+
+llama.cpp 0.3.36 (the bundled build) has a real dry run: `llama_model_params.no_alloc` loads
+metadata only and the context "simulates" its allocations. The sizes are read from
+llama.cpp's log lines (the C++ `llama_get_memory_breakdown` is not callable from Python):
+  - KV cache:  "llama_kv_cache: size = X MiB (N cells, L layers, ...)" per cache, and per
+               layer the device ("layer  3: dev = CUDA0");
+  - compute:   "sched_reserve: <buffer> compute buffer size = X MiB" per backend buffer;
+  - output:    "<buffer> output buffer size = X MiB";
+  - weights:   no_alloc buffers are empty, so the tensor bytes come from the GGUF header, split
+               by llama.cpp's own layer->device assignment ("layer N assigned to device X")
+               and by whether it created a CPU_REPACK buffer (weights copied to anonymous RAM).
+Host compute buffers of the CPU backend are allocated lazily by the OS, so the resident
+figure uses a second reservation with one output row (what llama-cpp-python decodes with);
+pinned host buffers (CUDA_Host) count in full.
+
+`dry_run()` runs the child and parses its JSON; `measure_in_process()` is the child's body.
+Importable and runnable without Ray.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+MIB = 1024**2
+_KV_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "bf16": 30}
+_RE_LAYER_DEV = re.compile(r"load_tensors: layer +(\d+) assigned to device (\S+?),")
+_RE_KV_SIZE = re.compile(r"llama_kv_cache: size = +([\d.]+) MiB")
+_RE_KV_LAYER = re.compile(r"llama_kv_cache: layer +(\d+): dev = (\S+)")
+_RE_COMPUTE = re.compile(r"sched_reserve: +(\S+) compute buffer size = +([\d.]+) MiB")
+_RE_OUTPUT = re.compile(r"(\S+) +output buffer size = +([\d.]+) MiB")
+_RE_MODEL_BUF = re.compile(r"load_tensors: +(\S+) model buffer size")
+
+
+@dataclass
+class DryRunResult:
+    """Bytes llama.cpp would use: on the GPU(s), in host RAM (anonymous), and mapped weights."""
+
+    gpu_bytes: int = 0
+    ram_bytes: int = 0
+    mmap_bytes: int = 0
+    weights_gpu_bytes: int = 0
+    weights_cpu_bytes: int = 0
+    repacked_bytes: int = 0
+    kv_gpu_bytes: int = 0
+    kv_cpu_bytes: int = 0
+    compute_gpu_bytes: int = 0
+    compute_cpu_bytes: int = 0
+    compute_cpu_alloc_bytes: int = 0
+    output_bytes: int = 0
+    process_bytes: int = 0
+    buffers: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+
+
+def _is_host(buffer_name: str) -> bool:
+    return buffer_name.startswith("CPU") or buffer_name.endswith("_Host")
+
+
+def _capture_logs():
+    """Route llama.cpp's log (all levels) into a list; return (lines, keepalive)."""
+    import llama_cpp
+
+    lines: list[str] = []
+    partial = [""]
+
+    @llama_cpp.llama_log_callback
+    def _cb(level, text, user_data):  # noqa: ARG001
+        partial[0] += (text or b"").decode("utf-8", errors="replace")
+        *done, partial[0] = partial[0].split("\n")
+        lines.extend(done)
+
+    llama_cpp.llama_log_set(_cb, None)
+    return lines, _cb
+
+
+def _context(model, n_ctx: int, n_batch: int, n_ubatch: int, kv: int, flash_attn: bool, n_outputs_max: int):
+    import llama_cpp
+
+    cp = llama_cpp.llama_context_default_params()
+    cp.n_ctx = n_ctx
+    cp.n_batch = min(n_ctx, n_batch)
+    cp.n_ubatch = min(cp.n_batch, n_ubatch)
+    cp.type_k = cp.type_v = kv
+    cp.flash_attn_type = (
+        llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    )
+    cp.n_outputs_max = n_outputs_max
+    return llama_cpp.llama_init_from_model(model, cp)
+
+
+def _process_anon_bytes() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def measure_in_process(
+    path: str, n_ctx: int, n_gpu_layers: int, n_batch: int = 512, n_ubatch: int = 512,
+    kv_type: str = "f16", flash_attn: bool = False,
+) -> DryRunResult:
+    """Load `path` with no_alloc and collect llama.cpp's figures (call in a child process)."""
+    import llama_cpp
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from orchestrator.core.gguf_file import read_gguf_header
+    from orchestrator.core.model_shape import repackable, shape_from_header
+
+    result = DryRunResult(process_bytes=_process_anon_bytes())
+    lines, _keep = _capture_logs()
+    llama_cpp.llama_backend_init()
+    mp = llama_cpp.llama_model_default_params()
+    mp.n_gpu_layers = n_gpu_layers
+    mp.no_alloc = True
+    mp.load_mode = llama_cpp.LLAMA_LOAD_MODE_NONE  # no_alloc asserts without mmap off
+    model = llama_cpp.llama_model_load_from_file(path.encode(), mp)
+    if not model:
+        result.error = "llama.cpp could not load the model: " + " | ".join(lines[-5:])
+        return result
+    ctx = _context(model, n_ctx, n_batch, n_ubatch, _KV_TYPES[kv_type], flash_attn, 0)
+    if not ctx:
+        result.error = "llama.cpp could not create the context: " + " | ".join(lines[-5:])
+        return result
+    first = list(lines)
+    llama_cpp.llama_free(ctx)
+    del lines[:]
+    ctx1 = _context(model, n_ctx, n_batch, n_ubatch, _KV_TYPES[kv_type], flash_attn, 1)
+    one_output = list(lines)
+    if ctx1:
+        llama_cpp.llama_free(ctx1)
+    llama_cpp.llama_model_free(model)
+
+    header = read_gguf_header(path)
+    shape = shape_from_header(header)
+    layer_dev = {int(m[1]): m[2] for line in first if (m := _RE_LAYER_DEV.search(line))}
+    model_bufs = {m[1] for line in first if (m := _RE_MODEL_BUF.search(line))}
+    repack_on = "CPU_REPACK" in model_bufs
+    out_dev = layer_dev.get(shape.n_layers, "CPU")
+    for il in range(shape.n_layers):
+        if layer_dev.get(il, "CPU") == "CPU":
+            result.weights_cpu_bytes += shape.layer_weight_bytes[il]
+            result.repacked_bytes += shape.layer_repack_bytes[il] if repack_on else 0
+        else:
+            result.weights_gpu_bytes += shape.layer_weight_bytes[il]
+    result.weights_cpu_bytes += shape.token_embd_bytes + shape.other_bytes
+    if out_dev == "CPU":
+        result.weights_cpu_bytes += shape.output_bytes - (shape.token_embd_bytes if shape.output_tied else 0)
+        result.repacked_bytes += shape.output_repack_bytes if repack_on else 0
+    else:
+        result.weights_gpu_bytes += shape.output_bytes
+    del header
+
+    kv_total = sum(float(m[1]) for line in first if (m := _RE_KV_SIZE.search(line))) * MIB
+    kv_devs = [m[2] for line in first if (m := _RE_KV_LAYER.search(line))]
+    gpu_share = sum(1 for d in kv_devs if d != "CPU") / len(kv_devs) if kv_devs else 0.0
+    result.kv_gpu_bytes = int(kv_total * gpu_share)
+    result.kv_cpu_bytes = int(kv_total) - result.kv_gpu_bytes
+    for m in (_RE_COMPUTE.search(line) for line in first):
+        if m:
+            result.buffers[f"compute:{m[1]}"] = float(m[2])
+            size = int(float(m[2]) * MIB)
+            if _is_host(m[1]):
+                result.compute_cpu_alloc_bytes += size
+                result.compute_cpu_bytes += size if m[1] != "CPU" else 0
+            else:
+                result.compute_gpu_bytes += size
+    for m in (_RE_COMPUTE.search(line) for line in one_output):
+        if m and m[1] == "CPU":
+            result.compute_cpu_bytes += int(float(m[2]) * MIB)
+    for m in (_RE_OUTPUT.search(line) for line in first):
+        if m:
+            result.output_bytes += int(float(m[2]) * MIB)
+    result.gpu_bytes = result.weights_gpu_bytes + result.kv_gpu_bytes + result.compute_gpu_bytes
+    result.mmap_bytes = result.weights_cpu_bytes
+    result.ram_bytes = (
+        result.repacked_bytes + result.kv_cpu_bytes + result.compute_cpu_bytes + result.output_bytes
+    )
+    return result
+
+
+def dry_run(
+    path: str | Path, n_ctx: int, n_gpu_layers: int = 0, n_batch: int = 512, n_ubatch: int = 512,
+    kv_type: str = "f16", flash_attn: bool = False, timeout_s: float = 300,
+) -> DryRunResult:
+    """Run the dry run in a child process (llama.cpp state never leaks into the caller)."""
+    cmd = [
+        sys.executable, "-m", "worker.dry_run", str(path), "--ctx", str(n_ctx),
+        "--gpu-layers", str(n_gpu_layers), "--batch", str(n_batch), "--ubatch", str(n_ubatch),
+        "--kv-type", kv_type, "--json",
+    ] + (["--flash-attn"] if flash_attn else [])
+    root = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""), GGML_NO_BACKTRACE="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, cwd=root, env=env)
+    try:
+        return DryRunResult(**json.loads(proc.stdout.strip().splitlines()[-1]))
+    except (IndexError, ValueError, TypeError):
+        return DryRunResult(error=f"dry run failed (rc {proc.returncode}): {proc.stderr[-1000:]}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m worker.dry_run", description=__doc__.splitlines()[0])
+    p.add_argument("model")
+    p.add_argument("--ctx", type=int, default=4096)
+    p.add_argument("--gpu-layers", type=int, default=0)
+    p.add_argument("--batch", type=int, default=512)
+    p.add_argument("--ubatch", type=int, default=512)
+    p.add_argument("--kv-type", default="f16", choices=sorted(_KV_TYPES))
+    p.add_argument("--flash-attn", action="store_true")
+    p.add_argument("--json", action="store_true")
+    a = p.parse_args(argv)
+    r = measure_in_process(a.model, a.ctx, a.gpu_layers, a.batch, a.ubatch, a.kv_type, a.flash_attn)
+    if a.json:
+        print(json.dumps(asdict(r)))
+    else:
+        for k, v in asdict(r).items():
+            print(f"{k:>24}: {v / MIB:.1f} MiB" if isinstance(v, int) else f"{k:>24}: {v}")
+    return 1 if r.error else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
