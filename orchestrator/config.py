@@ -44,6 +44,12 @@ class ClusterConfig(_Strict):
     node_name: str | None = Field(None, description="Name of the head's own worker node (hostname by default).")
     models_dir: str | None = Field(None, description="Directory where this node keeps GGUF files.")
     report_interval_s: float = Field(2.0, gt=0, description="How often node agents report live use.")
+    wait_for_nodes: list[str] = Field(
+        default_factory=list,
+        description="Nodes to wait for before the first placement, so models land on the machines meant "
+        "for them rather than on whichever joined first (running replicas are not moved later).",
+    )
+    wait_for_nodes_s: float = Field(120.0, ge=0, description="How long to wait for them before placing anyway.")
 
 
 class ModelConfig(_Strict):

@@ -16,7 +16,14 @@ from dataclasses import dataclass, field
 from orchestrator.cluster_view import ClusterView, ModelView, NodeView, ReplicaView
 from orchestrator.config import HomefleetConfig, ModelConfig
 from orchestrator.core.hardware import NodeHardware
-from orchestrator.core.placement import Assignment, NodeSnapshot, Reservation, place, snapshot_from_hardware
+from orchestrator.core.placement import (
+    Assignment,
+    NodeSnapshot,
+    Reservation,
+    Unplaced,
+    place,
+    snapshot_from_hardware,
+)
 from orchestrator.demand import demands_for
 from orchestrator.ray_actors import RayCluster
 
@@ -64,8 +71,11 @@ class Controller:
         self.nodes: dict[str, NodeRecord] = {}
         self.replicas: dict[tuple[str, int], ReplicaRecord] = {}
         self.model_problems: dict[str, str] = {}  # model -> why it has no replica (failed)
-        self.unplaced: dict[str, dict[str, str]] = {}  # model -> node -> reason
+        self.unplaced: dict[str, Unplaced] = {}  # model -> why no node takes it
         self.shapes: dict[str, object] = {}
+        self._demand_cache: dict[str, list] = {}
+        self._started_at = time.monotonic()
+        self.waiting_for: list[str] = []
         self.failed_keys: dict[tuple[str, int], ReplicaRecord] = {}
         self._task: asyncio.Task | None = None
         self._loads: set[asyncio.Task] = set()
@@ -198,19 +208,37 @@ class Controller:
                 ram[a.node] = ram.get(a.node, 0) + a.ram_bytes
         return {n: Reservation(vram.get(n, {}), ram.get(n, 0)) for n in set(vram) | set(ram)}
 
+    def _demands(self, model: ModelConfig) -> list:
+        """A model's demands, built once: need(k) is cached inside them across ticks."""
+        if model.name not in self._demand_cache:
+            self._demand_cache[model.name] = demands_for(
+                [model],
+                shape_loader=lambda m: self.shapes[m.name],
+                on_problem=lambda name, why: self.model_problems.__setitem__(name, why),
+            )
+        return self._demand_cache[model.name]
+
+    def _missing_nodes(self) -> list[str]:
+        """Expected nodes not reported yet, while the start-up grace period lasts."""
+        cluster = self.config.cluster
+        if time.monotonic() - self._started_at > cluster.wait_for_nodes_s:
+            return []
+        reported = {n.name for n in self.nodes.values() if n.alive and n.hardware is not None}
+        return [name for name in cluster.wait_for_nodes if name not in reported]
+
     def _reconcile(self) -> None:
-        wanted = [m for m in self.config.models if m.name in self.shapes]
-        demands = demands_for(
-            wanted,
-            shape_loader=lambda m: self.shapes[m.name],
-            on_problem=lambda name, why: self.model_problems.__setitem__(name, why),
-        )
+        missing = self._missing_nodes()
+        if missing:
+            self.waiting_for = missing
+            return
+        self.waiting_for = []
+        demands = [d for m in self.config.models if m.name in self.shapes for d in self._demands(m)]
         demands = [d for d in demands if (d.model, d.replica) not in self.failed_keys]
         current = [r.assignment for r in self.replicas.values()]
         result = place(self._snapshots(), demands, current=current, reserved=self._reservations())
         self.unplaced = {}
         for miss in result.unplaced:
-            self.unplaced.setdefault(miss.model, miss.reasons)
+            self.unplaced.setdefault(miss.model, miss)
         by_name = {n.name: n for n in self.nodes.values() if n.alive}
         for assignment in result.assignments:
             key = (assignment.model, assignment.replica)
@@ -277,7 +305,9 @@ class Controller:
         if name in self.model_problems:
             return "failed", self.model_problems[name]
         if name in self.unplaced:
-            return "pending", "not placed: " + "; ".join(self.unplaced[name].values())
+            return "pending", "not placed: " + self.unplaced[name].summary
+        if self.waiting_for:
+            return "pending", "waiting for nodes to join: " + ", ".join(self.waiting_for)
         return "pending", "waiting for node reports" if self.ticks < 2 else "waiting"
 
     def node_name(self, node_id: str) -> str:
@@ -316,8 +346,8 @@ class Controller:
         return ClusterView(nodes=nodes, models=models, generated_at=time.time())
 
     def _unplaced_reason(self, model: str) -> str | None:
-        reasons = self.unplaced.get(model)
-        return "not placed: " + "; ".join(reasons.values()) if reasons else None
+        miss = self.unplaced.get(model)
+        return "not placed: " + miss.summary if miss else None
 
 
 def _replica_view(r: ReplicaRecord) -> ReplicaView:

@@ -8,23 +8,24 @@ controller can read shapes on the nodes that hold the files.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 from orchestrator.config import ModelConfig
+from orchestrator.core import catalog
+from orchestrator.core.estimate import EstimateOptions, need_function
 from orchestrator.core.hardware import MIB
 from orchestrator.core.memory import NeedFunction
+from orchestrator.core.model_shape import ModelShape, shape_from_gguf
 from orchestrator.core.placement import ModelDemand
 
-ModelShape = Any  # orchestrator.core.model_shape.ModelShape
 ShapeLoader = Callable[[ModelConfig], ModelShape]
 # (shape, model) -> (offloadable layers: blocks + output layer, need(k) for k in 0..layers)
 NeedBuilder = Callable[[ModelShape, ModelConfig], tuple[int, NeedFunction]]
 ProblemSink = Callable[[str, str], None]
 
-# What a loader or the estimate raises for a model it cannot size (GGUFError is a ValueError).
+# What a loader or the estimate raises for a model it cannot size (GGUFError and
+# EstimateError are ValueErrors).
 SIZING_ERRORS = (OSError, ValueError, LookupError)
 
 
@@ -56,13 +57,12 @@ def demands_for(
                 raise DemandError(f"{model.name}: {message}") from exc
             on_problem(model.name, message)
             continue
-        shared_need = functools.lru_cache(maxsize=None)(need)  # replicas share one estimate
-        demands += [
+        demands += [  # replicas share one need function (the estimate caches need(k))
             ModelDemand(
                 model=model.name,
                 replica=replica,
                 n_layers=n_layers,
-                need=shared_need,
+                need=need,
                 pin_node=model.node,
                 gpu_layers=model.gpu_layers,
                 keep_free_vram_bytes=model.keep_free_vram_mib * MIB,
@@ -73,36 +73,25 @@ def demands_for(
 
 
 def estimate_need(shape: ModelShape, model: ModelConfig) -> tuple[int, NeedFunction]:
-    """The analytic estimate (orchestrator/core/estimate.py) at the model's context."""
-    from orchestrator.core.estimate import EstimateOptions, need_function
-
-    need = need_function(shape, EstimateOptions(n_ctx=model.context))
-    return offloadable_layers(shape), need
+    """The analytic estimate (orchestrator/core/estimate.py) with the model's context settings."""
+    opts = EstimateOptions(n_ctx=model.context, kv_type=model.kv_type, flash_attn=model.flash_attn)
+    return offloadable_layers(shape), need_function(shape, opts)
 
 
 def offloadable_layers(shape: ModelShape) -> int:
     """Blocks + the output layer: what n_gpu_layers counts in llama.cpp."""
-    for name in ("n_offloadable_layers", "n_offloadable"):
-        value = getattr(shape, name, None)
-        if value is not None:
-            return int(value)
-    return int(shape.n_layers) + 1
+    return shape.n_layers + 1
 
 
 def default_shape_loader(model: ModelConfig, models_dir: str | Path | None = None) -> ModelShape:
     """The GGUF header when the file is here; else the catalog entry (`catalog`, then the name)."""
     path = resolve_model_path(model, models_dir)
     if path is not None and path.is_file():
-        from orchestrator.core.model_shape import shape_from_gguf
-
-        return shape_from_gguf(path)
-    from orchestrator.core import catalog
-
+        return shape_from_gguf(path, name=model.name)
     for name in (model.catalog, model.name):
-        if name:
-            entry = catalog.lookup(name)
-            if entry is not None:
-                return getattr(entry, "shape", entry)
+        shape = catalog.lookup(name) if name else None
+        if shape is not None:
+            return shape
     where = f"{path} is not on this machine" if path is not None else "no `path`"
     raise LookupError(f"{where} and no catalog entry named {model.catalog or model.name!r}")
 

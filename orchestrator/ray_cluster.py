@@ -21,6 +21,19 @@ NODE_NAME_LABEL = "homefleet-node"
 TOKEN_FILE = Path("~/.config/homefleet/ray_token")
 
 
+# A home node that vanishes (laptop lid shut, Wi-Fi gone) is declared dead after about
+# period x threshold = 5 s instead of Ray's default of about 12 s. The environment wins.
+HEALTH_CHECK_DEFAULTS = {
+    "RAY_health_check_period_ms": "1000",
+    "RAY_health_check_timeout_ms": "1000",
+    "RAY_health_check_failure_threshold": "5",
+}
+
+
+def health_check_env() -> dict[str, str]:
+    return {key: os.environ.get(key, default) for key, default in HEALTH_CHECK_DEFAULTS.items()}
+
+
 def load_or_create_token(token_file: Path = TOKEN_FILE) -> str:
     """The cluster's Ray token: $RAY_AUTH_TOKEN, else the one kept in ~/.config/homefleet."""
     token = os.environ.get("RAY_AUTH_TOKEN")
@@ -80,6 +93,8 @@ def _ray_start(args: list[str], env_updates: dict[str, str], log_path: Path | No
     env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     # Our replicas are already stopped when we stop a node: no need for Ray's 30 s drain.
     env.setdefault("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "0")
+    # A busy laptop can take longer than Ray's 30 s to register its raylet.
+    env.setdefault("RAY_raylet_start_wait_time_s", "120")
     out = open(log_path, "ab") if log_path else subprocess.DEVNULL
     cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--block", "--disable-usage-stats", *args]
     return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
@@ -108,7 +123,7 @@ def start_head(
     ]
     if num_cpus is not None:
         args.append(f"--num-cpus={num_cpus}")
-    popen = _ray_start(args, {**auth_environment(token), **node_env}, log_path)
+    popen = _ray_start(args, {**health_check_env(), **auth_environment(token), **node_env}, log_path)
     address = f"{node_ip}:{port}"
     _wait_for_port(node_ip, port, popen, timeout_s)
     return RayProcess(popen, address)

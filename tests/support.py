@@ -72,6 +72,21 @@ class RunningUp:
             time.sleep(0.5)
         raise TimeoutError(f"models not in {states} after {timeout_s}s: {view}\n{self.log()[-4000:]}")
 
+    def wait_for_nodes(self, names: list[str], timeout_s: float = 120) -> dict:
+        """Wait until each named node reports as alive; return the cluster view."""
+        deadline = time.monotonic() + timeout_s
+        view = {}
+        while time.monotonic() < deadline:
+            try:
+                view = self.cluster()
+                alive = {n["name"] for n in view["nodes"] if n["state"] == "alive"}
+                if set(names) <= alive:
+                    return view
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"nodes {names} not alive after {timeout_s}s: {view.get('nodes')}")
+
     def descendants(self) -> list[psutil.Process]:
         try:
             return psutil.Process(self.popen.pid).children(recursive=True)
@@ -127,3 +142,30 @@ def _wait_http(running: RunningUp, timeout_s: float) -> None:
         except httpx.HTTPError:
             time.sleep(0.3)
     raise TimeoutError(f"gateway not up after {timeout_s}s:\n{running.log()}")
+
+
+@contextmanager
+def homefleet_join(tmp_path: Path, head_address: str, name: str, node_ip: str, *args: str, env: dict | None = None):
+    """`homefleet join` as a child process; stopped (Ctrl-C, then by PID) on exit."""
+    log_path = tmp_path / f"join-{name}.log"
+    command = homefleet_command(
+        "join", head_address, "--token", TEST_RAY_TOKEN, "--name", name, "--node-ip-address", node_ip, *args
+    )
+    with open(log_path, "wb") as log:
+        popen = subprocess.Popen(command, env=env or child_env(), stdout=log, stderr=subprocess.STDOUT)
+    running = RunningUp(popen, "", log_path)
+    try:
+        yield running
+    finally:
+        running.kill()
+
+
+def ray_address_of(running: RunningUp) -> str:
+    """The head's Ray address, from the line `homefleet up` prints for joining."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        for line in running.log().splitlines():
+            if "homefleet join " in line:
+                return line.split("homefleet join ", 1)[1].split()[0]
+        time.sleep(0.2)
+    raise TimeoutError(running.log())

@@ -57,7 +57,8 @@ class DryRunResult:
     compute_cpu_bytes: int = 0
     compute_cpu_alloc_bytes: int = 0
     output_bytes: int = 0
-    process_bytes: int = 0
+    work_bytes: int = 0
+    process_bytes: int = 0  # RSS of the dry-run process: Python, llama.cpp, vocabulary, metadata
     buffers: dict[str, float] = field(default_factory=dict)
     error: str | None = None
 
@@ -98,15 +99,17 @@ def _context(model, n_ctx: int, n_batch: int, n_ubatch: int, kv: int, flash_attn
     return llama_cpp.llama_init_from_model(model, cp)
 
 
-def _process_anon_bytes() -> int:
+def _process_rss_bytes() -> int:
+    """Resident anonymous plus file-backed bytes of this process (0 where /proc is missing)."""
+    total = 0
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1]) * 1024
+                if line.startswith(("RssAnon:", "RssFile:")):
+                    total += int(line.split()[1]) * 1024
     except OSError:
         pass
-    return 0
+    return total
 
 
 def measure_in_process(
@@ -118,9 +121,10 @@ def measure_in_process(
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from orchestrator.core.gguf_file import read_gguf_header
-    from orchestrator.core.model_shape import repackable, shape_from_header
+    from orchestrator.core.estimate import SAMPLER_BYTES_PER_TOKEN, EstimateOptions, cpu_work_bytes, pad_ctx
+    from orchestrator.core.model_shape import shape_from_header
 
-    result = DryRunResult(process_bytes=_process_anon_bytes())
+    result = DryRunResult()
     lines, _keep = _capture_logs()
     llama_cpp.llama_backend_init()
     mp = llama_cpp.llama_model_default_params()
@@ -142,6 +146,9 @@ def measure_in_process(
     one_output = list(lines)
     if ctx1:
         llama_cpp.llama_free(ctx1)
+    n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(model))
+    # measured: Python, llama.cpp, vocabulary; plus llama-cpp-python's sampler garbage
+    result.process_bytes = _process_rss_bytes() + n_vocab * SAMPLER_BYTES_PER_TOKEN
     llama_cpp.llama_model_free(model)
 
     header = read_gguf_header(path)
@@ -184,10 +191,14 @@ def measure_in_process(
     for m in (_RE_OUTPUT.search(line) for line in first):
         if m:
             result.output_bytes += int(float(m[2]) * MIB)
+    if not result.compute_gpu_bytes:  # the CPU backend's scratch is not in llama.cpp's figures
+        opts = EstimateOptions(n_ctx, n_batch, n_ubatch, kv_type, flash_attn)
+        result.work_bytes = cpu_work_bytes(shape, opts, pad_ctx(n_ctx or shape.n_ctx_train))
     result.gpu_bytes = result.weights_gpu_bytes + result.kv_gpu_bytes + result.compute_gpu_bytes
     result.mmap_bytes = result.weights_cpu_bytes
     result.ram_bytes = (
-        result.repacked_bytes + result.kv_cpu_bytes + result.compute_cpu_bytes + result.output_bytes
+        result.process_bytes + result.repacked_bytes + result.kv_cpu_bytes + result.compute_cpu_bytes
+        + result.work_bytes + result.output_bytes
     )
     return result
 

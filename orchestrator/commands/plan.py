@@ -16,7 +16,6 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
-import yaml
 from pydantic import ValidationError
 
 from orchestrator.cluster_view import ClusterView
@@ -33,6 +32,7 @@ from orchestrator.core.placement import (
     snapshot_from_hardware,
 )
 from orchestrator.demand import default_shape_loader, demands_for
+from orchestrator.machines import HardwareFileError, default_machine_files, load_hardware_file
 from orchestrator.plan_report import plan_to_dict, render_plan
 
 LIVE_STATES = ("ready", "loading")
@@ -99,7 +99,7 @@ def make_plan(
 
 def nodes_from_files(paths: Sequence[str] | None) -> list[NodeSnapshot]:
     """Snapshots of hardware files; every model file counts as present (model_files=None)."""
-    files = [Path(p) for p in paths] if paths else _default_machine_files()
+    files = [Path(p) for p in paths] if paths else default_machine_files()
     if not files:
         raise PlanError("no hardware files: pass --nodes FILE... (see configs/machines/*.yaml)")
     return [snapshot_from_hardware(_load_hardware(path)) for path in files]
@@ -146,44 +146,9 @@ def snapshots_from_view(view: ClusterView) -> tuple[list[NodeSnapshot], list[Ass
 
 def _load_hardware(path: Path) -> NodeHardware:
     try:
-        from orchestrator.machines import load_hardware_file
-    except ImportError:
-        load_hardware_file = _read_hardware_file
-    try:
         return load_hardware_file(path)
-    except PlanError:
-        raise
-    except (OSError, ValueError) as exc:  # pydantic's ValidationError and YAML errors are ValueErrors
-        raise PlanError(f"cannot use hardware file {path}: {exc}") from None
-
-
-def _default_machine_files() -> list[Path]:
-    try:
-        from orchestrator.machines import default_machine_files
-    except ImportError:
-        return _find_machine_files()
-    return list(default_machine_files())
-
-
-# Stand-ins until orchestrator/machines.py (another engineer's) provides these two.
-
-
-def _read_hardware_file(path: Path) -> NodeHardware:
-    try:
-        data = yaml.safe_load(Path(path).read_text())
-    except yaml.YAMLError as exc:
-        raise PlanError(f"{path}: not valid YAML/JSON: {exc}") from None
-    return NodeHardware.model_validate(data)
-
-
-def _find_machine_files() -> list[Path]:
-    """configs/machines/*.yaml of a source checkout, else the copies bundled in the package."""
-    package_dir = Path(__file__).resolve().parents[1]
-    for folder in (package_dir.parent / "configs" / "machines", package_dir / "machines"):
-        files = sorted(folder.glob("*.yaml"))
-        if files:
-            return files
-    return []
+    except HardwareFileError as exc:
+        raise PlanError(str(exc)) from None
 
 
 # ----------------------------------------------------------------------------- models

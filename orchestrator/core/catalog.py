@@ -26,17 +26,18 @@ class Quant:
     output_bpw: float  # output.weight
     embd_bpw: float  # token_embd.weight
     repack_fraction: float  # share of block bytes the CPU backend repacks (Q4_0/Q4_K)
+    fallback_bpw: float = 0.0  # K-quants on rows that are not a multiple of 256 (Q4_K -> Q5_0)
 
 
 QUANTS: dict[str, Quant] = {
     q.name: q
     for q in (
-        Quant("Q3_K_M", 3.91, 6.5625, 3.4375, 0.20),
+        Quant("Q3_K_M", 3.91, 6.5625, 3.4375, 0.20, 4.5),
         Quant("Q4_0", 4.55, 6.5625, 4.5, 1.0),
-        Quant("Q4_K_S", 4.58, 6.5625, 4.5, 0.95),
-        Quant("Q4_K_M", 4.80, 6.5625, 4.5, 0.75),
-        Quant("Q5_K_M", 5.68, 6.5625, 5.5, 0.0),
-        Quant("Q6_K", 6.5625, 6.5625, 6.5625, 0.0),
+        Quant("Q4_K_S", 4.58, 6.5625, 4.5, 0.95, 5.5),
+        Quant("Q4_K_M", 4.80, 6.5625, 4.5, 0.75, 5.5),
+        Quant("Q5_K_M", 5.68, 6.5625, 5.5, 0.0, 6.0),
+        Quant("Q6_K", 6.5625, 6.5625, 6.5625, 0.0, 8.5),
         Quant("Q8_0", 8.5, 8.5, 8.5, 0.0),
         Quant("F16", 16.0, 16.0, 16.0, 0.0),
         Quant("BF16", 16.0, 16.0, 16.0, 0.0),
@@ -117,13 +118,23 @@ def _bytes(params: int, bpw: float) -> int:
 
 
 def shape_for(a: Architecture, quant: Quant) -> ModelShape:
-    """Synthesize the ModelShape a GGUF of `a` at `quant` would have."""
-    layer = _bytes(a.layer_params(), quant.layer_bpw) + 2 * a.n_embd * 4  # + f32 norms
-    embd = _bytes(a.n_vocab * a.n_embd, quant.embd_bpw)
+    """Synthesize the ModelShape a GGUF of `a` at `quant` would have.
+
+    As llama.cpp's quantizer does: K-quant rows must be multiples of 256, else a tensor falls
+    back to a legacy type (Q4_K -> Q5_0, Q6_K -> Q8_0); the output (or a tied embedding, which
+    serves as the output) is Q6_K, or Q8_0 for Falcon and for rows that are not multiples of 256.
+    """
+    k_rows_ok = a.n_embd % 256 == 0 and a.n_ff % 256 == 0
+    layer_bpw = quant.layer_bpw if k_rows_ok or not quant.fallback_bpw else quant.fallback_bpw
+    output_bpw = quant.output_bpw
+    if quant.fallback_bpw and (a.n_embd % 256 or a.arch == "falcon"):
+        output_bpw = max(output_bpw, 8.5)
+    layer = _bytes(a.layer_params(), layer_bpw) + 2 * a.n_embd * 4  # + f32 norms
+    embd = _bytes(a.n_vocab * a.n_embd, output_bpw if a.tied else quant.embd_bpw)
     output_norm = a.n_embd * 4
-    output = embd + output_norm if a.tied else _bytes(a.n_vocab * a.n_embd, quant.output_bpw) + output_norm
+    output = embd + output_norm if a.tied else _bytes(a.n_vocab * a.n_embd, output_bpw) + output_norm
     swa = swa_layer_pattern(a.n_layers, 6) if a.sliding_window and a.arch == "gemma3" else ()
-    ffn_tensor = _bytes(a.n_embd * a.n_ff, quant.layer_bpw)
+    ffn_tensor = _bytes(a.n_embd * a.n_ff, layer_bpw)
     return ModelShape(
         name=f"{a.name}:{quant.name.lower()}",
         architecture=a.arch,

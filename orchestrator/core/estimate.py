@@ -38,10 +38,15 @@ MIB = 1024**2
 KV_TYPES = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "iq4_nl")
 CTX_PAD = 256
 
-# Host process: Python + numpy + llama_cpp imported, llama.cpp backends and threads (RSS).
-PROCESS_BASE_BYTES = 96 * MIB
-# Vocabulary structures per token (token text, score, attributes, maps) and sampler arrays.
+# Host process: Python + numpy + llama_cpp imported, llama.cpp's libraries, backends, threads
+# and model metadata (RSS, anonymous and file-backed; measured 46 MiB, plus a margin).
+PROCESS_BASE_BYTES = 52 * MIB
+# llama.cpp's vocabulary per token: text, score, attributes, lookup maps (measured 171 B).
 VOCAB_BYTES_PER_TOKEN = 180
+# llama-cpp-python's sampling allocates n_vocab x 12 B arrays per completion that only the
+# cyclic garbage collector frees: RSS saw-tooths by ~3 MiB per completion for a 262k vocab.
+# Allow ~16 of them alive (the measured peak between collections was ~40).
+SAMPLER_BYTES_PER_TOKEN = 16 * 12
 # CUDA context, cuBLAS handle and workspace, llama.cpp's CUDA memory pool, per GPU used.
 CUDA_OVERHEAD_BYTES = 384 * MIB
 # Host memory the CUDA runtime and driver take in a process that uses a GPU.
@@ -149,13 +154,13 @@ def graph_peak_bytes(shape: ModelShape, opts: EstimateOptions, n_outputs: int, n
     wide = max(shape.n_embd, q_dim)
     n_masks = 2 if shape.swa_layers and any(shape.swa_layers) else 1
     mask = n_masks * n_kv * u * (2 if opts.flash_attn else 4)
-    attn = (5 * wide + 2 * kv_dim) * u * 4
+    attn = (5 * wide + shape.n_embd + 2 * kv_dim) * u * 4
     if not opts.flash_attn:
         attn += n_kv * u * shape.n_head * 4
     n_ff = shape.n_ff * max(1, shape.n_expert_used)
-    ffn = (3 * n_ff + 5 * shape.n_embd) * u * 4
+    ffn = max(3 * n_ff + 5 * shape.n_embd, 4 * n_ff + 3 * shape.n_embd // 2) * u * 4
     out = (shape.n_vocab * min(n_outputs, u) + 2 * shape.n_embd * u) * 4
-    return max(attn + mask, ffn + mask, out)
+    return max(attn, ffn, out) + mask
 
 
 def cpu_work_bytes(shape: ModelShape, opts: EstimateOptions, n_kv: int) -> int:
@@ -169,8 +174,9 @@ def cpu_work_bytes(shape: ModelShape, opts: EstimateOptions, n_kv: int) -> int:
     return max(act, n_kv * u * shape.n_head * 2)
 
 
-def _host_process_bytes(shape: ModelShape) -> int:
-    return PROCESS_BASE_BYTES + shape.n_vocab * VOCAB_BYTES_PER_TOKEN
+def host_process_bytes(shape: ModelShape) -> int:
+    """RSS of a replica process before its buffers: Python, llama.cpp, vocabulary, sampler."""
+    return PROCESS_BASE_BYTES + shape.n_vocab * (VOCAB_BYTES_PER_TOKEN + SAMPLER_BYTES_PER_TOKEN)
 
 
 def estimate(shape: ModelShape, n_gpu_layers: int, opts: EstimateOptions, gpu: bool = True) -> MemoryEstimate:
@@ -198,7 +204,7 @@ def estimate(shape: ModelShape, n_gpu_layers: int, opts: EstimateOptions, gpu: b
         compute_gpu = 0
         compute_cpu = graph_peak_bytes(shape, opts, 1) + cpu_work_bytes(shape, opts, n_ctx)
         overhead_gpu = 0
-        overhead_cpu = _host_process_bytes(shape)
+        overhead_cpu = host_process_bytes(shape)
     else:
         compute_gpu = graph_peak_bytes(shape, opts, u)
         if first_gpu > 0:  # partial offload: the GPU also takes CPU weights for big batches
@@ -207,7 +213,7 @@ def estimate(shape: ModelShape, n_gpu_layers: int, opts: EstimateOptions, gpu: b
         else:
             compute_cpu = (shape.n_embd * u + shape.n_vocab) * 4
         overhead_gpu = CUDA_OVERHEAD_BYTES
-        overhead_cpu = _host_process_bytes(shape) + CUDA_HOST_OVERHEAD_BYTES
+        overhead_cpu = host_process_bytes(shape) + CUDA_HOST_OVERHEAD_BYTES
 
     b = MemoryBreakdown(
         weights_gpu_bytes=w_gpu,

@@ -259,7 +259,10 @@ def read_gguf_header(path: str | Path) -> GGUFHeader:
         if file_bytes < 24:
             raise GGUFError(f"{path}: truncated GGUF header ({file_bytes} bytes)")
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            return _parse(mm, str(path), file_bytes)
+            try:
+                return _parse(mm, str(path), file_bytes)
+            except struct.error as exc:
+                raise GGUFError(f"{path}: truncated or malformed GGUF header ({exc})") from None
 
 
 def _parse(buf: Any, path: str, file_bytes: int) -> GGUFHeader:

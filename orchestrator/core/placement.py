@@ -286,12 +286,11 @@ class _Need:
         return k
 
     def _search_layers(self, vram_bytes: int) -> int:
+        """Bisection: its probe points repeat across searches, so need(k) stays cached."""
         n = self.demand.n_layers
         if n <= 0 or self.at(1).gpu_bytes > vram_bytes:
             return 0
-        if self.at(n).gpu_bytes <= vram_bytes:
-            return n
-        lo, hi = 1, n - 1  # need(lo) fits, need(hi + 1) does not
+        lo, hi = 1, n  # need(lo) fits; the answer is in lo..hi
         while lo < hi:
             mid = (lo + hi + 1) // 2
             if self.at(mid).gpu_bytes <= vram_bytes:
@@ -311,7 +310,10 @@ def place(
     reserved: Mapping[str, Reservation | tuple[Mapping[int, int], int]] | None = None,
     margins: Margins = DEFAULT_MARGINS,
 ) -> PlacementResult:
-    """Place every demand (see the module docstring for the rules)."""
+    """Place every demand (see the module docstring for the rules).
+
+    Node names must be unique (ValueError otherwise: an input error, not a misfit).
+    """
     ledger: dict[str, _Node] = {}
     for snapshot in nodes:
         if snapshot.name in ledger:
@@ -442,17 +444,33 @@ def _choose_smallest_gpu(need: _Need, candidates: list[_Node], k: int) -> _Choic
 
 
 def _choose_split(need: _Need, candidates: list[_Node]) -> _Choice | None:
-    upper = need.demand.n_layers - 1
+    """The GPU that takes the most layers while its node's RAM holds the rest.
+
+    GPUs are tried by usable VRAM, largest first: layers that fit only grow with VRAM, so
+    after the first GPU that can take a split, the others can at most tie with it (checked
+    with need(k) already known), and the layer search runs once or a few times, not per GPU.
+    """
+    d = need.demand
+    upper = d.n_layers - 1
+    if upper <= 0:
+        return None
+    gpus = sorted(((_vram_for(g, d), n, g) for n in candidates for g in n.gpus), key=lambda t: -t[0])
     best: tuple | None = None
     choice: _Choice | None = None
-    for node in candidates:
-        for gpu in node.gpus:
-            k = min(need.most_layers_within(_vram_for(gpu, need.demand)), upper)
-            if k <= 0 or need.at(k).ram_bytes > node.usable_ram_bytes:
-                continue  # fewer layers only need more RAM: this GPU cannot take any split
-            rank = (-k, -node.usable_ram_bytes, node.name, gpu.index)
-            if best is None or rank < best:
-                best, choice = rank, (node, gpu, k)
+    for vram, node, gpu in gpus:
+        if choice is not None:
+            k = choice[2]
+            if need.at(k).gpu_bytes > vram:
+                break  # this GPU and every one after it takes fewer layers
+        else:
+            k = min(need.most_layers_within(vram), upper)
+            if k <= 0:
+                break
+        if need.at(k).ram_bytes > node.usable_ram_bytes:
+            continue  # fewer layers only need more RAM: this GPU cannot take any split
+        rank = (-node.usable_ram_bytes, node.name, gpu.index)
+        if best is None or rank < best:
+            best, choice = rank, (node, gpu, k)
     return choice
 
 

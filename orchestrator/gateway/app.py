@@ -82,10 +82,6 @@ def _node_headers(replica: ReplicaRecord) -> dict[str, str]:
     return {"x-homefleet-node": replica.node_name, "x-homefleet-replica": replica.replica_id}
 
 
-def _error_headers(exc: RequestError) -> dict[str, str] | None:
-    return {"Retry-After": "2"} if exc.status == 503 else None
-
-
 def create_app(controller: Controller, config: HomefleetConfig, api_key: str | None = None) -> FastAPI:
     app = FastAPI(title="homefleet", version="0.1.0", docs_url="/docs", redoc_url=None)
     install_error_handlers(app)

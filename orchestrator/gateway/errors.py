@@ -14,7 +14,12 @@ def error_body(message: str, type_: str, param: str | None = None, code: str | N
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
-def error_response(exc: RequestError, headers: dict | None = None) -> JSONResponse:
+RETRY_AFTER_S = "2"
+
+
+def error_response(exc: RequestError) -> JSONResponse:
+    # 503 means busy, loading or not placed yet: tell clients when to try again.
+    headers = {"Retry-After": RETRY_AFTER_S} if exc.status == 503 else None
     return JSONResponse(
         status_code=exc.status,
         content=error_body(exc.message, exc.type, exc.param, exc.code),

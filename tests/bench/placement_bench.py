@@ -8,8 +8,12 @@ Scenarios (same 100 nodes; seeded, so every run and machine sees the same inputs
 - "home-lab mix": mostly small and mid models, most of them fit somewhere;
 - "overcommitted": big models, most fit nowhere, so every node gets a reason in numbers
   (the slowest path).
-The need function is linear per layer (weights + KV), with a CUDA context once any layer
-is on the GPU; `need_calls_per_replica` tells how often a real estimator would be asked.
+These two use a need function linear per layer (weights + KV), with a CUDA context once
+any layer is on the GPU: they time placement itself.
+- "catalog estimates": 1,000 replicas of the catalog's models (50 configured models of
+  20 replicas, contexts 2k-32k) through `demands_for` and the real analytic estimate,
+  fresh (cold) need functions every run: placement plus the estimate's cost.
+`need_calls_per_replica` tells how often the estimate is asked (distinct k per replica).
 """
 
 from __future__ import annotations
@@ -27,7 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from orchestrator.core.hardware import GIB, MIB  # noqa: E402
 from orchestrator.core.memory import MemoryNeed  # noqa: E402
+from orchestrator.config import ModelConfig  # noqa: E402
+from orchestrator.core import catalog  # noqa: E402
 from orchestrator.core.placement import GpuSnapshot, ModelDemand, NodeSnapshot, place  # noqa: E402
+from orchestrator.demand import default_shape_loader, demands_for  # noqa: E402
 
 GOAL_SECONDS = 1.0
 N_NODES = 100
@@ -119,14 +126,44 @@ def make_demands(rng: random.Random, catalog: list, node_names: list[str], count
     return demands
 
 
-def run_scenario(label: str, catalog: list, runs: int, seed: int) -> dict:
+def catalog_demands(rng: random.Random, counter: Counter) -> list[ModelDemand]:
+    """50 configured catalog models x 20 replicas, each with a fresh estimate."""
+    configs = [
+        ModelConfig(
+            name=f"m{i:02d}-{name}",
+            catalog=name,
+            context=rng.choice([2048, 4096, 8192, 32768]),
+            replicas=N_REPLICAS // 50,
+        )
+        for i, name in enumerate(rng.choice(catalog.names()) for _ in range(50))
+    ]
+    demands = demands_for(configs, default_shape_loader)
+    needs = {}
+    for d in demands:  # count the estimate's calls; replicas keep sharing one function
+        needs.setdefault(d.model, _counting(d.need, counter))
+    return [ModelDemand(d.model, d.replica, d.n_layers, needs[d.model]) for d in demands]
+
+
+def _counting(need, counter: Counter):
+    def counted(k: int):
+        counter["need_calls"] += 1
+        return need(k)
+
+    return counted
+
+
+def run_scenario(label: str, models: list | None, runs: int, seed: int) -> dict:
     rng = random.Random(seed)
     nodes = make_nodes(rng)
     counter: Counter = Counter()
-    demands = make_demands(rng, catalog, [n.name for n in nodes], counter)
     timings = []
     result = None
     for _ in range(runs):
+        demand_rng = random.Random(seed + 1)  # the same demands every run, cold estimates
+        if models is None:
+            demands = catalog_demands(demand_rng, counter)
+        else:
+            demands = make_demands(demand_rng, models, [n.name for n in nodes], counter)
         counter.clear()
         start = time.perf_counter()
         result = place(nodes, demands)
@@ -160,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     scenarios = [
         run_scenario("home-lab mix", HOME_MODELS, args.runs, args.seed),
         run_scenario("overcommitted", BIG_MODELS, args.runs, args.seed),
+        run_scenario("catalog estimates", None, args.runs, args.seed),
     ]
     report = {
         "benchmark": "placement",

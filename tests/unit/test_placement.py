@@ -155,6 +155,14 @@ def test_split_layer_count_is_the_most_that_fits_the_usable_vram():
     assert a.gpu_bytes == int(7.5 * GIB) and a.ram_bytes == int(34 * GIB)
 
 
+def test_two_gpu_node_offers_each_card_on_its_own_and_reasons_name_the_card():
+    cards = (GpuSnapshot(0, "RTX 3090", 24 * GIB, 4 * GIB), GpuSnapshot(1, "RTX 3090", 24 * GIB, 20 * GIB))
+    box = NodeSnapshot("ws", True, 128 * GIB, cards, None, 128 * GIB)
+    result = place([box], [demand("mid", 16), demand("huge", 500, n_layers=80)])
+    assert [(a.model, a.gpu_index, a.kind) for a in result.assignments] == [("mid", 1, "gpu")]
+    assert reasons_of(result, "huge")["ws"].startswith("needs 500.5 GiB VRAM for 80 layers, GPU 0 2.8 GiB usable")
+
+
 # ---------------------------------------------------------------- rule 3: CPU only
 
 

@@ -145,7 +145,7 @@ def test_command_names_a_bad_hardware_file(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: x\nram_total_bytes: lots\n")
     assert main(["plan", "--nodes", str(bad)]) == 1
-    assert f"cannot use hardware file {bad}" in capsys.readouterr().err
+    assert f"homefleet plan: {bad}: ram_total_bytes" in capsys.readouterr().err
 
 
 def test_command_rejects_nodes_and_url_together(capsys):
@@ -158,6 +158,28 @@ def test_command_names_a_bad_config_field(tmp_path, capsys):
     config.write_text("models:\n  - name: m\n    path: /m.gguf\n    contex: 10\n")
     assert main(["plan", "--config", str(config)]) == 1
     assert "models[0].contex: unknown field" in capsys.readouterr().err
+
+
+def test_command_plans_catalog_models_with_the_real_estimate(tmp_path, capsys):
+    config = tmp_path / "homefleet.yaml"
+    config.write_text(
+        "models:\n"
+        "  - {name: coder-14b, catalog: qwen2.5-coder-14b, context: 8192}\n"
+        "  - {name: tiny, catalog: gemma-3-270m, replicas: 2, node: laptop-2}\n"
+        "  - {name: f16-70b, catalog: 'llama-2-70b:f16', context: 4096}\n"
+        "  - {name: mystery, path: /nowhere/mystery.gguf, catalog: not-a-model}\n"
+    )
+    assert main(["plan", "--json", "--config", str(config)]) == 0
+    data = json.loads(capsys.readouterr().out)
+    placed = {(a["model"], a["replica"]): (a["node"], a["kind"]) for a in data["assignments"]}
+    assert placed == {
+        ("coder-14b", 0): ("desktop", "gpu"),  # 14B Q4_K_M at 8k: too big for the 6 GiB laptops
+        ("tiny", 0): ("laptop-2", "gpu"),
+        ("tiny", 1): ("laptop-2", "gpu"),
+    }
+    (f16,) = data["unplaced"]
+    assert f16["model"] == "f16-70b" and sorted(f16["reasons"]) == ["desktop", "laptop-1", "laptop-2"]
+    assert data["problems"]["mystery"].startswith("cannot estimate its memory: /nowhere/mystery.gguf is not on")
 
 
 def test_running_assignment_round_trips_through_the_report():
