@@ -44,6 +44,15 @@ class ReplicaView(BaseModel):
     in_flight: int = 0
     requests_served: int = 0
 
+    @computed_field  # the closed loop: how far the estimate was from what the replica really uses
+    @property
+    def measured_over_estimated(self) -> float | None:
+        estimated = (self.estimated_gpu_bytes or 0) + (self.estimated_ram_bytes or 0)
+        if self.measured_ram_bytes is None or estimated <= 0:
+            return None
+        measured = self.measured_ram_bytes + (self.measured_gpu_bytes or 0)
+        return round(measured / estimated, 3)
+
     @computed_field  # in the JSON too, so the dashboard need not repeat the rule
     @property
     def processor(self) -> str:

@@ -116,6 +116,7 @@ class Controller:
         await self._poll_agents()
         await self._load_shapes()
         self._reconcile()
+        await self._poll_replicas()
         self.ticks += 1
 
     # ---- observe -----------------------------------------------------------------------
@@ -155,6 +156,17 @@ class Controller:
             node.hardware = NodeHardware.model_validate(report["hardware"])
             node.model_files = report["model_files"]
             node.reported_at = report["reported_at"]
+
+    async def _poll_replicas(self) -> None:
+        """Measured memory of each ready replica, so the ledger and the views trust real figures."""
+        ready = [r for r in self.replicas.values() if r.state == "ready"]
+        infos = await asyncio.gather(
+            *(self.cluster.info(r.handle, timeout_s=max(5.0, 2 * self.interval_s)) for r in ready),
+            return_exceptions=True,
+        )
+        for replica, info in zip(ready, infos):
+            if not isinstance(info, BaseException):
+                replica.info = info
 
     async def _load_shapes(self) -> None:
         """Read each model's GGUF header once: here if the file is here, else on a node that has it."""
@@ -202,8 +214,10 @@ class Controller:
             loading = replica.state == "loading"
             declared_gpu = node is not None and node.hardware is not None and node.hardware.source == "file"
             if a.gpu_index is not None and (loading or declared_gpu):
+                measured = (replica.info.get("memory") or {}).get("vram_bytes")
+                held = measured if measured and not loading else a.gpu_bytes
                 by_gpu = vram.setdefault(a.node, {})
-                by_gpu[a.gpu_index] = by_gpu.get(a.gpu_index, 0) + a.gpu_bytes
+                by_gpu[a.gpu_index] = by_gpu.get(a.gpu_index, 0) + held
             if loading:
                 ram[a.node] = ram.get(a.node, 0) + a.ram_bytes
         return {n: Reservation(vram.get(n, {}), ram.get(n, 0)) for n in set(vram) | set(ram)}

@@ -93,7 +93,11 @@ def decode_tokens_per_s(
 
 
 def _most_gpu_layers(need, n_offloadable: int, vram: int, ram: int) -> int:
-    """Largest k in 1..n_offloadable whose need fits (GPU need grows with k); 0 if none."""
+    """Largest k in 1..n_offloadable whose need fits VRAM and RAM; 0 if none does.
+
+    GPU need grows with k and host need shrinks with k, so the largest k that fits the VRAM
+    is the best candidate: if the RAM cannot hold the rest at that k, no smaller k helps.
+    """
     lo, hi = 0, n_offloadable
     while lo < hi:
         mid = (lo + hi + 1) // 2
@@ -101,9 +105,7 @@ def _most_gpu_layers(need, n_offloadable: int, vram: int, ram: int) -> int:
             lo = mid
         else:
             hi = mid - 1
-    while lo > 0 and need(lo).ram_bytes > ram:  # RAM need shrinks with k: fewer layers never helps
-        return 0
-    return lo
+    return lo if lo and need(lo).ram_bytes <= ram else 0
 
 
 def fit_node(
@@ -162,10 +164,15 @@ def fit_report(
     )
 
 
+def host_need_bytes(e: MemoryEstimate) -> int:
+    """Host RAM that stays resident: repacked weights replace their mapped pages."""
+    return e.ram_bytes + e.mmap_bytes - e.breakdown.weights_repacked_bytes
+
+
 def _breakdown_rows(r: FitReport) -> list[tuple[str, int, int]]:
     g, c = r.whole_gpu.breakdown, r.cpu_only.breakdown
     return [
-        ("weights", g.weights_gpu_bytes + g.weights_cpu_bytes, c.weights_cpu_bytes),
+        ("weights", g.weights_gpu_bytes + g.weights_cpu_bytes, c.weights_cpu_bytes - c.weights_repacked_bytes),
         ("KV cache", g.kv_gpu_bytes + g.kv_cpu_bytes, c.kv_cpu_bytes),
         ("compute buffers", g.compute_gpu_bytes + g.compute_cpu_bytes, c.compute_cpu_bytes),
         ("overhead", g.overhead_gpu_bytes + g.overhead_cpu_bytes, c.overhead_cpu_bytes),
@@ -184,8 +191,8 @@ def render_fit(r: FitReport) -> str:
     for name, gpu_total, cpu_total in _breakdown_rows(r):
         lines.append(f"  {name:18}{format_bytes(gpu_total):>14}{format_bytes(cpu_total):>14}")
     lines.append(f"  {'= GPU':18}{format_bytes(r.whole_gpu.gpu_bytes):>14}{'-':>14}")
-    lines.append(f"  {'= host RAM':18}{format_bytes(r.whole_gpu.host_bytes):>14}"
-                 f"{format_bytes(r.cpu_only.host_bytes):>14}")
+    lines.append(f"  {'= host RAM':18}{format_bytes(host_need_bytes(r.whole_gpu)):>14}"
+                 f"{format_bytes(host_need_bytes(r.cpu_only)):>14}")
     lines.append("")
     width = max((len(n.node) for n in r.nodes), default=4) + 2
     for n in r.nodes:

@@ -62,6 +62,9 @@ class RayCluster:
             scheduling_strategy=self._on(node_id), name=None
         ).remote(replica_id, settings)
 
+    async def info(self, handle, timeout_s: float) -> dict:
+        return await asyncio.wait_for(_awaitable(handle.info.remote()), timeout_s)
+
     async def load(self, handle) -> dict:
         return await _awaitable(handle.load.remote())
 

@@ -104,7 +104,7 @@ def _add_model_rows(table: _Table, model: ModelView, width: int) -> None:
                 replica.node or "-",
                 replica.processor,
                 format_bytes(_total(replica.estimated_gpu_bytes, replica.estimated_ram_bytes)),
-                format_bytes(_total(replica.measured_gpu_bytes, replica.measured_ram_bytes)),
+                _measured_cell(replica),
                 replica.state,
             ],
             styles={6: STATE_STYLES[replica.state]},
@@ -117,6 +117,13 @@ def _add_model_rows(table: _Table, model: ModelView, width: int) -> None:
 
 
 # ----------------------------------------------------------------------------- cells
+
+
+def _measured_cell(replica) -> str:
+    """Measured memory, with measured/estimated when both are known (e.g. '412 MiB x0.97')."""
+    measured = _total(replica.measured_gpu_bytes, replica.measured_ram_bytes)
+    ratio = replica.measured_over_estimated
+    return format_bytes(measured) + (f" x{ratio:.2f}" if ratio is not None else "")
 
 
 def _counts_suffix(counts: Counter, order: tuple[str, ...]) -> str:

@@ -45,8 +45,8 @@ PROCESS_BASE_BYTES = 52 * MIB
 VOCAB_BYTES_PER_TOKEN = 180
 # llama-cpp-python's sampling allocates n_vocab x 12 B arrays per completion that only the
 # cyclic garbage collector frees: RSS saw-tooths by ~3 MiB per completion for a 262k vocab.
-# Allow ~16 of them alive (the measured peak between collections was ~40).
-SAMPLER_BYTES_PER_TOKEN = 16 * 12
+# Allow ~8 of them alive (a sample() loop kept up to 40 between collections; completions fewer).
+SAMPLER_BYTES_PER_TOKEN = 8 * 12
 # CUDA context, cuBLAS handle and workspace, llama.cpp's CUDA memory pool, per GPU used.
 CUDA_OVERHEAD_BYTES = 384 * MIB
 # Host memory the CUDA runtime and driver take in a process that uses a GPU.

@@ -37,6 +37,7 @@ def server(tmp_path_factory, gemma_path):
             {"name": "missing-model", "path": str(tmp / "nowhere.gguf"), "context": 512},
             {"name": "not-a-gguf", "path": str(not_gguf), "context": 512},
         ],
+        gateway={"queue_per_replica": 1},
     )
     with homefleet_up(tmp, "--config", str(config)) as running:
         running.wait_for_models({GEMMA: {"ready"}, "missing-model": {"failed"}, "not-a-gguf": {"failed"}})
@@ -181,6 +182,25 @@ def test_prompt_longer_than_context_is_context_length_exceeded(server, stream):
     assert response.status_code == 400
     error = response.json()["error"]
     assert error["code"] == "context_length_exceeded" and "1024" in error["message"]
+
+
+def test_when_the_replica_and_its_queue_are_full_the_gateway_answers_503_with_retry_after(server):
+    from concurrent.futures import ThreadPoolExecutor
+
+    body = {"model": GEMMA, "messages": [{"role": "user", "content": "Tell a story."}], "max_tokens": 48}
+
+    def ask(_):
+        return httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=120)
+
+    with ThreadPoolExecutor(max_workers=5) as pool:
+        responses = list(pool.map(ask, range(5)))
+    statuses = sorted(r.status_code for r in responses)
+    # queue_per_replica is 1 here: one running and one waiting; the rest are turned away at once.
+    assert statuses.count(200) >= 2 and statuses.count(503) >= 1, statuses
+    rejected = next(r for r in responses if r.status_code == 503)
+    assert rejected.headers["retry-after"] and rejected.json()["error"]["code"] == "overloaded"
+    view = server.cluster()
+    assert next(m for m in view["models"] if m["name"] == GEMMA)["replicas"][0]["in_flight"] == 0
 
 
 def test_model_still_serves_after_bad_requests(client):
