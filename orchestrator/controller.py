@@ -173,6 +173,11 @@ class Controller:
         for model in self.config.models:
             if model.name in self.shapes:
                 continue
+            if not model.path:
+                self.model_problems[model.name] = (
+                    f"no `path`: the catalog entry {model.catalog!r} is for `homefleet plan` and `fit` only"
+                )
+                continue
             holder = next((n for n in self.nodes.values() if n.alive and model.name in n.model_files), None)
             try:
                 if model.path and os.path.isfile(model.path):

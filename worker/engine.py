@@ -155,13 +155,21 @@ class Engine:
             tokens = self._tokens_for_text(text)
             self._check_fits(len(tokens), None)
             prompt_tokens += len(tokens)
-            data.append({"object": "embedding", "index": index, "embedding": self.llama.embed(text)})
+            data.append({"object": "embedding", "index": index, "embedding": _pooled(self.llama.embed(text))})
         return {
             "object": "list",
             "data": data,
             "model": self.settings.model_name,
             "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
         }
+
+
+def _pooled(vectors: list) -> list[float]:
+    """One vector per input: a model without pooling returns one per token; average them."""
+    if vectors and isinstance(vectors[0], list):
+        n = len(vectors)
+        return [sum(column) / n for column in zip(*vectors)]
+    return vectors
 
 
 def _openai_chunks(kind: str, model: str, pieces: Iterator[dict], prompt_tokens: int, sampling: dict) -> Iterator[dict]:

@@ -6,9 +6,11 @@ router reads it. Every error is OpenAI-shaped (gateway/errors.py).
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import json
 import secrets
+import struct
 import time
 from importlib import resources
 from typing import AsyncIterator
@@ -159,7 +161,13 @@ def create_app(controller: Controller, config: HomefleetConfig, api_key: str | N
     @app.post("/v1/embeddings")
     async def embeddings(body: EmbeddingRequest):
         replica = router.acquire(body.model)
-        return await _whole(replica, replica.handle.embed.remote(body.inputs()))
+        response = await _whole(replica, replica.handle.embed.remote(body.inputs()))
+        if body.encoding_format == "base64" and response.status_code == 200:
+            result = json.loads(response.body)
+            for item in result["data"]:
+                item["embedding"] = base64.b64encode(struct.pack(f"<{len(item['embedding'])}f", *item["embedding"])).decode()
+            return JSONResponse(result, headers=_node_headers(replica))
+        return response
 
     @app.get("/v1/models")
     async def list_models():

@@ -105,7 +105,7 @@ class CompletionRequest(SamplingFields):
 class EmbeddingRequest(_Lenient):
     model: str = Field(..., min_length=1)
     input: str | list[str] = Field(...)
-    encoding_format: Literal["float"] = "float"
+    encoding_format: Literal["float", "base64"] = "float"
 
     def inputs(self) -> list[str]:
         return [self.input] if isinstance(self.input, str) else list(self.input)

@@ -36,11 +36,14 @@ def server(tmp_path_factory, gemma_path):
             {"name": GEMMA, "path": gemma_path, "context": 1024, "chat_format": "gemma"},
             {"name": "missing-model", "path": str(tmp / "nowhere.gguf"), "context": 512},
             {"name": "not-a-gguf", "path": str(not_gguf), "context": 512},
+            {"name": "gemma-embed", "path": gemma_path, "context": 512, "embedding": True},
         ],
         gateway={"queue_per_replica": 1},
     )
     with homefleet_up(tmp, "--config", str(config)) as running:
-        running.wait_for_models({GEMMA: {"ready"}, "missing-model": {"failed"}, "not-a-gguf": {"failed"}})
+        running.wait_for_models(
+            {GEMMA: {"ready"}, "gemma-embed": {"ready"}, "missing-model": {"failed"}, "not-a-gguf": {"failed"}}
+        )
         yield running
 
 
@@ -122,7 +125,7 @@ def test_text_completion_whole_with_stop_sequence(client):
 
 def test_models_lists_each_configured_model_with_its_state(client):
     models = {m.id: m for m in client.models.list().data}
-    assert set(models) == {GEMMA, "missing-model", "not-a-gguf"}
+    assert set(models) == {GEMMA, "gemma-embed", "missing-model", "not-a-gguf"}
     assert models[GEMMA].model_extra["state"] == "ready"
 
 
@@ -201,6 +204,19 @@ def test_when_the_replica_and_its_queue_are_full_the_gateway_answers_503_with_re
     assert rejected.headers["retry-after"] and rejected.json()["error"]["code"] == "overloaded"
     view = server.cluster()
     assert next(m for m in view["models"] if m["name"] == GEMMA)["replicas"][0]["in_flight"] == 0
+
+
+def test_embeddings_come_from_a_model_configured_for_them(client):
+    result = client.embeddings.create(model="gemma-embed", input=["a cat", "a dog"])
+    assert len(result.data) == 2 and len(result.data[0].embedding) == 640  # Gemma 3 270M's width
+    assert result.data[0].embedding != result.data[1].embedding
+    assert result.usage.prompt_tokens > 0
+
+
+def test_embeddings_from_a_chat_model_are_a_400_naming_the_setting(client):
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.embeddings.create(model=GEMMA, input="a cat")
+    assert "embedding: true" in str(caught.value)
 
 
 def test_model_still_serves_after_bad_requests(client):
