@@ -14,7 +14,10 @@ llama.cpp's log lines (the C++ `llama_get_memory_breakdown` is not callable from
                and by whether it created a CPU_REPACK buffer (weights copied to anonymous RAM).
 Host compute buffers of the CPU backend are allocated lazily by the OS, so the resident
 figure uses a second reservation with one output row (what llama-cpp-python decodes with);
-pinned host buffers (CUDA_Host) count in full.
+pinned host buffers (CUDA_Host) count in full. What llama.cpp does not report is added the
+way the analytic estimate adds it: the process itself is measured (RSS after the dry load:
+Python, llama.cpp, the vocabulary) plus the sampler allowance; the CPU backend's scratch
+buffer; and, with layers on a GPU, the CUDA context allowance.
 
 `dry_run()` runs the child and parses its JSON; `measure_in_process()` is the child's body.
 Importable and runnable without Ray.
@@ -121,7 +124,14 @@ def measure_in_process(
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from orchestrator.core.gguf_file import read_gguf_header
-    from orchestrator.core.estimate import SAMPLER_BYTES_PER_TOKEN, EstimateOptions, cpu_work_bytes, pad_ctx
+    from orchestrator.core.estimate import (
+        CUDA_HOST_OVERHEAD_BYTES,
+        CUDA_OVERHEAD_BYTES,
+        SAMPLER_BYTES_PER_TOKEN,
+        EstimateOptions,
+        cpu_work_bytes,
+        pad_ctx,
+    )
     from orchestrator.core.model_shape import shape_from_header
 
     result = DryRunResult()
@@ -195,6 +205,9 @@ def measure_in_process(
         opts = EstimateOptions(n_ctx, n_batch, n_ubatch, kv_type, flash_attn)
         result.work_bytes = cpu_work_bytes(shape, opts, pad_ctx(n_ctx or shape.n_ctx_train))
     result.gpu_bytes = result.weights_gpu_bytes + result.kv_gpu_bytes + result.compute_gpu_bytes
+    if result.weights_gpu_bytes:  # llama.cpp's buffers leave out the CUDA context, cuBLAS, its pool
+        result.gpu_bytes += CUDA_OVERHEAD_BYTES
+        result.process_bytes += CUDA_HOST_OVERHEAD_BYTES
     result.mmap_bytes = result.weights_cpu_bytes
     result.ram_bytes = (
         result.process_bytes + result.repacked_bytes + result.kv_cpu_bytes + result.compute_cpu_bytes

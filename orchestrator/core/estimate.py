@@ -209,7 +209,8 @@ def estimate(shape: ModelShape, n_gpu_layers: int, opts: EstimateOptions, gpu: b
         compute_gpu = graph_peak_bytes(shape, opts, u)
         if first_gpu > 0:  # partial offload: the GPU also takes CPU weights for big batches
             compute_gpu += shape.max_layer_tensor_bytes
-            compute_cpu = graph_peak_bytes(shape, opts, 1)  # pinned CUDA_Host, committed
+            # pinned CUDA_Host buffer (committed) plus the CPU backend's scratch for its layers
+            compute_cpu = graph_peak_bytes(shape, opts, 1) + cpu_work_bytes(shape, opts, n_ctx)
         else:
             compute_cpu = (shape.n_embd * u + shape.n_vocab) * 4
         overhead_gpu = CUDA_OVERHEAD_BYTES

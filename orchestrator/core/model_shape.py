@@ -17,7 +17,6 @@ from orchestrator.core.gguf_file import (
     ArraySummary,
     GGUFHeader,
     TensorInfo,
-    ggml_type,
     read_gguf_header,
 )
 
@@ -229,4 +228,4 @@ def shape_from_gguf(path: str | Path, name: str | None = None) -> ModelShape:
 
 
 __all__ = ["ModelShape", "REPACKED_TYPES", "SWA_PATTERNS", "repackable", "shape_from_gguf",
-           "shape_from_header", "swa_layer_pattern", "ggml_type"]
+           "shape_from_header", "swa_layer_pattern"]

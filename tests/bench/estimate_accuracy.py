@@ -329,7 +329,7 @@ def cpu_cases() -> list[Case]:
     m = "llama-250m-q4_k_m"
     c += [Case(m, 1024), Case(m, 4096, flash_attn=True), Case(m, 2048, "q8_0", True)]
     m = "llama-850m-q8_0"
-    c += [Case(m, 2048), Case(m, 4096, "q4_0", True)]
+    c += [Case(m, 2048), Case(m, 4096, flash_attn=True)]
     m = "qwen2-300m-q4_k_m"
     c += [Case(m, 512), Case(m, 4096), Case(m, 8192, flash_attn=True), Case(m, 4096, "q8_0", True)]
     m = "qwen2-40m-f16"

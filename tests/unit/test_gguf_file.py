@@ -104,3 +104,24 @@ def test_a_truncated_header_raises_gguf_error_not_struct_error(small_llama, tmp_
 def test_an_unknown_tensor_type_is_named_in_the_error():
     with pytest.raises(GGUFError, match="unknown ggml tensor type 99"):
         tensor_nbytes(99, (32,))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
+def test_factory_models_load_and_generate_tokens_in_llama_cpp(tmp_path, arch):
+    from tests.gguf_factory import generate_in_child
+
+    path = write_gguf(tmp_path / f"{arch}.gguf", arch=arch, n_layers=2, n_embd=256, n_head=4, n_head_kv=1,
+                      n_ff=512, n_vocab=1024)
+    assert generate_in_child(path, max_tokens=3)["n"] >= 1
+
+
+def test_a_factory_model_quantized_by_llama_cpp_is_q4_k_m_and_still_generates(tmp_path):
+    from tests.gguf_factory import generate_in_child, quantize
+
+    src = write_gguf(tmp_path / "f16.gguf", arch="llama", n_layers=2, n_embd=256, n_head=4, n_ff=512)
+    dst = quantize(src, tmp_path / "q4_k_m.gguf", "Q4_K_M")
+    header = read_gguf_header(dst)
+    assert header.get("general.file_type") == 15
+    assert {t.type_name for t in header.tensors} >= {"Q4_K", "F32"}
+    assert header.tensor_bytes < read_gguf_header(src).tensor_bytes / 2
+    assert generate_in_child(dst, max_tokens=3)["n"] >= 1
