@@ -74,6 +74,7 @@ class ModelView(BaseModel):
     state: ReplicaState = Field(..., description="ready if any replica is ready, else the most telling state.")
     reason: str | None = None
     replicas: list[ReplicaView] = Field(default_factory=list)
+    estimate_source: str | None = Field(None, description="Where the memory estimate came from.")
 
 
 class ClusterView(BaseModel):

@@ -11,11 +11,12 @@ import asyncio
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from orchestrator.cluster_view import ClusterView, ModelView, NodeView, ReplicaView
 from orchestrator.config import HomefleetConfig, ModelConfig
 from orchestrator.core.hardware import NodeHardware
+from orchestrator.core.memory import scaled_need
 from orchestrator.core.placement import (
     Assignment,
     NodeSnapshot,
@@ -75,6 +76,8 @@ class Controller:
         self.shapes: dict[str, object] = {}
         self._demand_cache: dict[str, list] = {}
         self._started_at = time.monotonic()
+        self.calibrations: dict[str, object] = {}  # model -> Calibration from a dry run
+        self._calibrations_pending: set[str] = set()
         self.waiting_for: list[str] = []
         self.failed_keys: dict[tuple[str, int], ReplicaRecord] = {}
         self._task: asyncio.Task | None = None
@@ -169,37 +172,54 @@ class Controller:
                 replica.info = info
 
     async def _load_shapes(self) -> None:
-        """Read each model's GGUF header once: here if the file is here, else on a node that has it."""
+        """Read each model's GGUF header once, on a node that holds the file (here if it is here)."""
+        reported = [n for n in self.nodes.values() if n.alive and n.hardware is not None]
         for model in self.config.models:
-            if model.name in self.shapes:
+            if model.name in self.shapes or not reported:
                 continue
             if not model.path:
                 self.model_problems[model.name] = (
                     f"no `path`: the catalog entry {model.catalog!r} is for `homefleet plan` and `fit` only"
                 )
                 continue
-            holder = next((n for n in self.nodes.values() if n.alive and model.name in n.model_files), None)
+            holder = next((n for n in reported if model.name in n.model_files), None)
+            if holder is None:
+                self.model_problems[model.name] = f"file not found on any node: {model.path}"
+                continue
             try:
-                if model.path and os.path.isfile(model.path):
+                if os.path.isfile(model.path):
                     from orchestrator.core.model_shape import shape_from_gguf
 
                     shape = await asyncio.to_thread(shape_from_gguf, model.path)
-                elif holder is not None:
-                    shape = await self.cluster.read_shape(holder.agent, model.path)
-                elif model.catalog:
-                    from orchestrator.core.catalog import lookup
-
-                    shape = lookup(model.catalog)
-                    if shape is None:
-                        raise LookupError(f"unknown catalog model {model.catalog!r}")
                 else:
-                    self.model_problems[model.name] = f"file not found on any node: {model.path}"
-                    continue
+                    shape = await self.cluster.read_shape(holder.agent, model.path)
             except Exception as exc:
                 self.model_problems[model.name] = _shape_problem(model, exc)
                 continue
             self.shapes[model.name] = shape
             self.model_problems.pop(model.name, None)
+            self._calibrations_pending.add(model.name)
+            self._spawn(self._calibrate(model, shape, holder))
+
+    async def _calibrate(self, model: ModelConfig, shape, holder: NodeRecord) -> None:
+        """Ask llama.cpp itself (a dry run on a node with the file) how far off the analytic estimate is."""
+        from orchestrator.calibration import calibration_from_dry_run
+        from orchestrator.core.estimate import EstimateOptions
+
+        real_gpu = bool(holder.hardware and holder.hardware.gpus and holder.hardware.source == "probe")
+        gpu_layers = shape.n_layers + 1 if real_gpu else 0
+        opts = EstimateOptions(n_ctx=model.context, kv_type=model.kv_type, flash_attn=model.flash_attn)
+        try:
+            result = await self.cluster.dry_run(holder.agent, model.path, model.context, gpu_layers,
+                                                model.kv_type, model.flash_attn)
+            calibration = calibration_from_dry_run(shape, opts, gpu_layers, result, holder.name or "?", real_gpu)
+        except Exception as exc:
+            log.info("no dry run for %s: %s", model.name, exc)
+            calibration = None
+        if calibration is not None:
+            self.calibrations[model.name] = calibration
+            self._demand_cache.pop(model.name, None)
+        self._calibrations_pending.discard(model.name)
 
     # ---- decide and act ----------------------------------------------------------------
     def _snapshots(self) -> list[NodeSnapshot]:
@@ -229,12 +249,18 @@ class Controller:
 
     def _demands(self, model: ModelConfig) -> list:
         """A model's demands, built once: need(k) is cached inside them across ticks."""
+        if model.name in self._calibrations_pending:
+            return []  # a few seconds: place with llama.cpp's own figure, not a guess
         if model.name not in self._demand_cache:
-            self._demand_cache[model.name] = demands_for(
+            demands = demands_for(
                 [model],
                 shape_loader=lambda m: self.shapes[m.name],
                 on_problem=lambda name, why: self.model_problems.__setitem__(name, why),
             )
+            calibration = self.calibrations.get(model.name)
+            if calibration is not None:
+                demands = [replace(d, need=scaled_need(d.need, calibration.factor)) for d in demands]
+            self._demand_cache[model.name] = demands
         return self._demand_cache[model.name]
 
     def _missing_nodes(self) -> list[str]:
@@ -289,7 +315,10 @@ class Controller:
         self.replicas[(model.name, assignment.replica)] = record
         log.info("starting %s on %s (%s, %d/%d layers on GPU)", record.replica_id, record.node_name,
                  assignment.kind, assignment.gpu_layers, assignment.n_layers)
-        task = asyncio.create_task(self._load(record))
+        self._spawn(self._load(record))
+
+    def _spawn(self, coroutine) -> None:
+        task = asyncio.create_task(coroutine)
         self._loads.add(task)
         task.add_done_callback(self._loads.discard)
 
@@ -360,9 +389,17 @@ class Controller:
                 if (model.name, index) not in self.replicas and (model.name, index) not in self.failed_keys:
                     replicas.append(ReplicaView(replica_id=f"{model.name}#{index}", state=state if state != "ready" else "pending", reason=reason or self._unplaced_reason(model.name)))
             models.append(
-                ModelView(name=model.name, path=model.path, context=model.context, state=state, reason=reason, replicas=replicas)
+                ModelView(
+                    name=model.name, path=model.path, context=model.context, state=state, reason=reason,
+                    replicas=replicas, estimate_source=self._estimate_source(model.name),
+                )
             )
         return ClusterView(nodes=nodes, models=models, generated_at=time.time())
+
+    def _estimate_source(self, model: str) -> str | None:
+        if model in self.calibrations:
+            return self.calibrations[model].source
+        return "analytic (GGUF header)" if model in self.shapes else None
 
     def _unplaced_reason(self, model: str) -> str | None:
         miss = self.unplaced.get(model)

@@ -23,7 +23,7 @@ class HardwareFileError(ValueError):
 
 def default_machine_files() -> list[Path]:
     """The reference machines' hardware files: the checkout's, else the bundled copies."""
-    for folder in (_PACKAGE_DIR.parent / "configs" / "machines", _PACKAGE_DIR / "machines"):
+    for folder in (_PACKAGE_DIR.parent / "configs" / "machines", _PACKAGE_DIR / "seed_machines"):
         files = sorted(folder.glob("*.yaml"))
         if files:
             return files

@@ -57,6 +57,10 @@ class RayCluster:
     async def read_shape(self, agent, path: str):
         return await asyncio.wait_for(_awaitable(agent.read_shape.remote(path)), 60)
 
+    async def dry_run(self, agent, path: str, n_ctx: int, n_gpu_layers: int, kv_type: str, flash_attn: bool) -> dict:
+        ref = agent.dry_run.remote(path, n_ctx, n_gpu_layers, kv_type, flash_attn)
+        return await asyncio.wait_for(_awaitable(ref), 300)
+
     def start_replica(self, node_id: str, replica_id: str, settings: dict):
         return self._replica_cls.options(
             scheduling_strategy=self._on(node_id), name=None

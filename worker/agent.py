@@ -79,5 +79,21 @@ class NodeAgentImpl:
         return shape_from_gguf(resolve_model_path(path, self.models_dir))
 
 
+    def dry_run(self, path: str, n_ctx: int, n_gpu_layers: int, kv_type: str, flash_attn: bool) -> dict:
+        """llama.cpp's own figure for this model here (a child process; no memory is allocated)."""
+        from dataclasses import asdict
+
+        try:
+            from worker.dry_run import dry_run
+        except ImportError as exc:
+            return {"error": f"no llama-cpp-python on {self.name}: {exc}"}
+        result = dry_run(resolve_model_path(path, self.models_dir), n_ctx, n_gpu_layers, kv_type=kv_type,
+                         flash_attn=flash_attn)
+        return asdict(result)
+
+    def has_gpu(self) -> bool:
+        return self.nvml.available
+
+
 def agent_actor_class():
     return ray.remote(num_cpus=0, max_concurrency=2, max_restarts=-1)(NodeAgentImpl)

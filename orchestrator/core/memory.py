@@ -20,3 +20,13 @@ class MemoryNeed:
 
 # need(k) for k in 0..n_offloadable_layers: gpu_bytes grows with k, ram_bytes shrinks.
 NeedFunction = Callable[[int], MemoryNeed]
+
+
+def scaled_need(need: NeedFunction, factor: float) -> NeedFunction:
+    """need(k) corrected by a measured/estimated factor (from llama.cpp's dry run)."""
+
+    def corrected(k: int) -> MemoryNeed:
+        raw = need(k)
+        return MemoryNeed(int(raw.gpu_bytes * factor), int(raw.ram_bytes * factor))
+
+    return corrected

@@ -137,6 +137,9 @@ def test_cluster_view_shows_the_node_and_failed_models_with_reasons(server):
     models = {m["name"]: m for m in view["models"]}
     assert models[GEMMA]["replicas"][0]["node"] == node["name"]
     assert models[GEMMA]["replicas"][0]["measured_ram_bytes"] > 100 * 2**20
+    # Placement used llama.cpp's own dry run of the file, and the ledger holds measured/estimated.
+    assert "llama.cpp dry run" in models[GEMMA]["estimate_source"]
+    assert 0.5 < models[GEMMA]["replicas"][0]["measured_over_estimated"] < 2
     assert "file not found" in models["missing-model"]["reason"]
     assert "nowhere.gguf" in models["missing-model"]["reason"]
     assert "not a GGUF" in models["not-a-gguf"]["reason"]
