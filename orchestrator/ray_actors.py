@@ -24,9 +24,9 @@ class RayNode:
 
 
 class RayCluster:
-    def __init__(self, replica_concurrency: int = 4) -> None:
+    def __init__(self) -> None:
         self._agent_cls = agent_actor_class()
-        self._replica_cls = replica_actor_class(replica_concurrency)
+        self._replica_cls = replica_actor_class()
 
     def list_nodes(self) -> list[RayNode]:
         out = []

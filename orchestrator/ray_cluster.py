@@ -93,6 +93,9 @@ def _ray_start(args: list[str], env_updates: dict[str, str], log_path: Path | No
     env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     # Our replicas are already stopped when we stop a node: no need for Ray's 30 s drain.
     env.setdefault("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "0")
+    # Ray runs workers at nice 15; a replica decodes with every core in lock-step, and at
+    # that priority any other program (the gateway, a browser) stalls all its threads.
+    env.setdefault("RAY_worker_niceness", "0")
     # A busy laptop can take longer than Ray's 30 s to register its raylet.
     env.setdefault("RAY_raylet_start_wait_time_s", "120")
     out = open(log_path, "ab") if log_path else subprocess.DEVNULL

@@ -74,6 +74,7 @@ class Engine:
         self.architecture = self.llama.metadata.get("general.architecture", "unknown")
         self.formatter: ChatFormatter = choose_formatter(self.llama, settings.chat_format)
         self.n_ctx = self.llama.n_ctx()
+        self._nvml = None
 
     # ---- facts -----------------------------------------------------------------------
     def describe(self) -> dict:
@@ -87,7 +88,11 @@ class Engine:
         }
 
     def memory(self) -> dict:
-        return measure_process_memory(os.getpid())
+        if self._nvml is None:
+            from worker.probe import NvmlSession
+
+            self._nvml = NvmlSession()
+        return measure_process_memory(os.getpid(), self._nvml)
 
     # ---- prompts -----------------------------------------------------------------------
     def _tokens_for_chat(self, messages: list[dict]) -> tuple[list[int], list[str]]:

@@ -124,7 +124,7 @@ async def _serve(config: HomefleetConfig) -> None:
     from orchestrator.gateway.app import create_app
     from orchestrator.ray_actors import RayCluster
 
-    controller = Controller(config, RayCluster(replica_concurrency=config.gateway.queue_per_replica + 2))
+    controller = Controller(config, RayCluster())
     app = create_app(controller, config)
     server = uvicorn.Server(
         uvicorn.Config(app, host=config.gateway.host, port=config.gateway.port, log_level="warning", access_log=False)
