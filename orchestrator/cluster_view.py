@@ -26,6 +26,9 @@ class NodeView(BaseModel):
     reported_at: float | None = Field(None, description="Unix time of the last agent report.")
     model_files: list[str] = Field(default_factory=list, description="Configured models whose file this node holds.")
     requests_served: int = 0
+    speed_factor: float | None = Field(
+        None, description="Measured / predicted decode speed on this node (from its replicas' requests)."
+    )
 
 
 class ReplicaView(BaseModel):
@@ -41,6 +44,7 @@ class ReplicaView(BaseModel):
     measured_gpu_bytes: int | None = None
     measured_ram_bytes: int | None = None
     load_seconds: float | None = None
+    decode_tokens_per_s: float | None = Field(None, description="Measured on recent requests.")
     in_flight: int = 0
     requests_served: int = 0
 

@@ -43,6 +43,13 @@ class NodeRecord:
     reported_at: float | None = None
     model_files: dict[str, str] = field(default_factory=dict)  # model -> path on that node
     requests_served: int = 0
+    speed_factor: float | None = None  # measured / predicted decode speed
+    measured_ram_bandwidth_gbps: float | None = None  # effective, from a CPU-only replica
+
+    def hardware_with_measurements(self) -> NodeHardware | None:
+        if self.hardware is None or self.measured_ram_bandwidth_gbps is None or self.hardware.ram_bandwidth_gbps:
+            return self.hardware
+        return self.hardware.model_copy(update={"ram_bandwidth_gbps": self.measured_ram_bandwidth_gbps})
 
 
 @dataclass
@@ -170,6 +177,25 @@ class Controller:
         for replica, info in zip(ready, infos):
             if not isinstance(info, BaseException):
                 replica.info = info
+                self._calibrate_speed(replica)
+
+    def _calibrate_speed(self, replica: ReplicaRecord) -> None:
+        """A node's decode speed as its replicas measure it, against the bandwidth prediction."""
+        from orchestrator.fit import calibrate_speed
+
+        measured = replica.info.get("decode_tokens_per_s")
+        node = self.nodes.get(replica.node_id)
+        shape = self.shapes.get(replica.model)
+        if not measured or node is None or node.hardware is None or shape is None:
+            return
+        if node.hardware.source != "probe":
+            return  # a declared machine: this host's speed says nothing about it
+        a = replica.assignment
+        gpu = next((g for g in node.hardware.gpus if g.index == a.gpu_index), None)
+        calibrated, factor = calibrate_speed(node.hardware, shape, a.gpu_layers, gpu, measured)
+        node.speed_factor = round(factor, 3)
+        if calibrated.ram_bandwidth_gbps and not node.hardware.ram_bandwidth_gbps:
+            node.measured_ram_bandwidth_gbps = calibrated.ram_bandwidth_gbps
 
     async def _load_shapes(self) -> None:
         """Read each model's GGUF header once, on a node that holds the file (here if it is here)."""
@@ -374,8 +400,9 @@ class Controller:
                     ray_node_id=node.node_id,
                     state="alive" if node.alive else "gone",
                     is_head=node.is_head,
-                    hardware=node.hardware,
+                    hardware=node.hardware_with_measurements(),
                     reported_at=node.reported_at,
+                    speed_factor=node.speed_factor,
                     model_files=sorted(node.model_files),
                     requests_served=node.requests_served,
                 )
@@ -422,6 +449,7 @@ def _replica_view(r: ReplicaRecord) -> ReplicaView:
         measured_gpu_bytes=memory.get("vram_bytes"),
         measured_ram_bytes=memory.get("rss_bytes"),
         load_seconds=r.info.get("load_seconds"),
+        decode_tokens_per_s=r.info.get("decode_tokens_per_s"),
         in_flight=r.in_flight,
         requests_served=r.served,
     )

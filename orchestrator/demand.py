@@ -97,9 +97,12 @@ def default_shape_loader(model: ModelConfig, models_dir: str | Path | None = Non
 
 
 def resolve_model_path(model: ModelConfig, models_dir: str | Path | None = None) -> Path | None:
-    if not model.path:
-        return None
-    path = Path(model.path).expanduser()
-    if not path.is_absolute() and models_dir is not None:
-        path = Path(models_dir).expanduser() / path
-    return path
+    return resolve_path(model.path, models_dir) if model.path else None
+
+
+def resolve_path(path: str, models_dir: str | Path | None = None) -> Path:
+    """A config `path` on a node: absolute as given, else relative to the node's models dir."""
+    resolved = Path(path).expanduser()
+    if not resolved.is_absolute() and models_dir is not None:
+        resolved = Path(models_dir).expanduser() / resolved
+    return resolved

@@ -214,3 +214,21 @@ def fit_to_dict(r: FitReport) -> dict:
         "whole_gpu": est(r.whole_gpu), "cpu_only": est(r.cpu_only),
         "nodes": [vars(n) | {} for n in r.nodes],
     }
+
+
+def calibrate_speed(
+    node: NodeHardware, shape: ModelShape, n_gpu_layers: int, gpu: GpuInfo | None, measured_tokens_per_s: float
+) -> tuple[NodeHardware, float]:
+    """Fold a measured decode speed into a node: (node, factor) for later predictions.
+
+    With known bandwidths the factor is measured/predicted. A CPU-only run on a machine whose
+    RAM bandwidth is unknown (a probed node) instead yields the effective bandwidth itself.
+    """
+    predicted = decode_tokens_per_s(shape, n_gpu_layers, node, gpu)
+    if predicted:
+        return node, measured_tokens_per_s / predicted
+    gpu_read, cpu_read = weight_bytes_read_per_token(shape, n_gpu_layers if gpu else 0)
+    if gpu_read == 0 and cpu_read > 0:
+        bandwidth = cpu_read * measured_tokens_per_s / (GB * CPU_DECODE_EFFICIENCY)
+        return node.model_copy(update={"ram_bandwidth_gbps": round(bandwidth, 2)}), 1.0
+    return node, 1.0

@@ -63,12 +63,6 @@ def lan_address() -> str:
         return "127.0.0.1"
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
 @dataclass
 class RayProcess:
     """A `ray start --block` child process (head or worker) that we own."""

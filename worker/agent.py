@@ -16,6 +16,7 @@ from pathlib import Path
 import ray
 
 from orchestrator.core.hardware import NodeHardware
+from orchestrator.demand import resolve_path
 from worker.probe import NvmlSession, overlay_live_use, probe
 
 ENV_NODE_NAME = "HOMEFLEET_NODE_NAME"
@@ -36,10 +37,7 @@ def node_environment(name: str | None, hardware: NodeHardware | None, models_dir
 
 
 def resolve_model_path(path: str, models_dir: str | None) -> str:
-    p = Path(path).expanduser()
-    if not p.is_absolute() and models_dir:
-        p = Path(models_dir) / p
-    return str(p)
+    return str(resolve_path(path, models_dir))
 
 
 class NodeAgentImpl:

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import logging
 import os
+import statistics
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -75,6 +77,7 @@ class Engine:
         self.formatter: ChatFormatter = choose_formatter(self.llama, settings.chat_format)
         self.n_ctx = self.llama.n_ctx()
         self._nvml = None
+        self.decode_rates: deque[float] = deque(maxlen=8)  # tokens/s of recent requests
 
     # ---- facts -----------------------------------------------------------------------
     def describe(self) -> dict:
@@ -85,6 +88,7 @@ class Engine:
             "n_layers": int(self.llama.metadata.get(f"{self.architecture}.block_count", 0) or 0),
             "chat_format": self.formatter.name,
             "load_seconds": round(self.load_seconds, 3),
+            "decode_tokens_per_s": round(statistics.median(self.decode_rates), 2) if self.decode_rates else None,
         }
 
     def memory(self) -> dict:
@@ -140,7 +144,7 @@ class Engine:
 
     def _stream(self, kind: str, tokens: list[int], sampling: dict, stop: list[str]) -> Iterator[dict]:
         pieces = self._generate(tokens, sampling, stop)  # raises before the first chunk
-        return _openai_chunks(kind, self.settings.model_name, pieces, len(tokens), sampling)
+        return _openai_chunks(kind, self.settings.model_name, pieces, len(tokens), self.decode_rates.append)
 
     def chat(self, messages: list[dict], sampling: dict) -> dict:
         return collect(self.stream_chat(messages, sampling))
@@ -177,7 +181,9 @@ def _pooled(vectors: list) -> list[float]:
     return vectors
 
 
-def _openai_chunks(kind: str, model: str, pieces: Iterator[dict], prompt_tokens: int, sampling: dict) -> Iterator[dict]:
+def _openai_chunks(
+    kind: str, model: str, pieces: Iterator[dict], prompt_tokens: int, on_decoded=None
+) -> Iterator[dict]:
     created = int(time.time())
     if kind == "chat":
         ident, obj = f"chatcmpl-{uuid.uuid4().hex[:24]}", "chat.completion.chunk"
@@ -197,7 +203,9 @@ def _openai_chunks(kind: str, model: str, pieces: Iterator[dict], prompt_tokens:
     if kind == "chat":
         yield chunk({"role": "assistant", "content": ""})
     completion_tokens, finish_reason = 0, "stop"
+    first_token_at = None
     for piece in pieces:
+        first_token_at = first_token_at or time.perf_counter()
         choice = piece["choices"][0]
         text = choice.get("text") or ""
         if choice.get("finish_reason") is None or text:
@@ -206,6 +214,8 @@ def _openai_chunks(kind: str, model: str, pieces: Iterator[dict], prompt_tokens:
             yield chunk({"content": text} if kind == "chat" else text)
         if choice.get("finish_reason"):
             finish_reason = choice["finish_reason"]
+    if on_decoded is not None and first_token_at is not None and completion_tokens > 8:
+        on_decoded((completion_tokens - 1) / (time.perf_counter() - first_token_at))
     usage = {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,

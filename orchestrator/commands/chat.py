@@ -9,7 +9,7 @@ import sys
 
 import httpx
 
-DEFAULT_URL = "http://127.0.0.1:8000"
+from orchestrator.commands.status import DEFAULT_URL
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

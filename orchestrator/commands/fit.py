@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -38,6 +39,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--ubatch", type=int, default=512, help="n_ubatch")
     p.add_argument("--speed-factor", metavar="NODE=F", action="append", default=[],
                    help="calibrate a node's predicted tokens/s by a measured factor (repeatable)")
+    p.add_argument("--measure", action="store_true",
+                   help="also fit this machine, its speed calibrated by a short measured run of MODEL.gguf")
+    p.add_argument("--url", help="fit the nodes of a running cluster (their speed calibrated by served requests)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=run)
 
@@ -77,14 +81,58 @@ def _speed_factors(items: list[str]) -> dict[str, float]:
     return out
 
 
+def _live_nodes(url: str, factors: dict[str, float]) -> list:
+    """Alive nodes of a running cluster, with the speed factors their replicas measured."""
+    from orchestrator.cluster_view import ClusterView
+    from orchestrator.commands.status import StatusError, fetch_cluster
+
+    try:
+        view = ClusterView.model_validate(fetch_cluster(url.rstrip("/"), os.environ.get("HOMEFLEET_API_KEY")))
+    except StatusError as exc:
+        raise FitError(str(exc)) from None
+    nodes = []
+    for node in view.nodes:
+        if node.state != "alive":
+            continue
+        if node.speed_factor is not None:
+            factors.setdefault(node.name, node.speed_factor)
+        nodes.append(node.hardware)
+    return nodes
+
+
+def _measured_this_machine(model: str, shape: ModelShape, factors: dict[str, float]):
+    """This machine as probed, its speed calibrated by decoding a few tokens of the model."""
+    from orchestrator.fit import calibrate_speed
+    from worker.probe import probe
+    from worker.speed_probe import measure_decode_speed
+
+    if not model.endswith(".gguf") or not os.path.isfile(model):
+        raise FitError("--measure needs a GGUF file on this machine, not a catalog name")
+    node = probe()
+    node = node.model_copy(update={"name": f"{node.name} (measured)"})
+    gpu = node.gpus[0] if node.gpus else None
+    layers = shape.n_layers + 1 if gpu else 0
+    result = measure_decode_speed(model, layers)
+    if not result.get("decode_tokens_per_s"):
+        raise FitError(result.get("error") or "the measured run produced no tokens")
+    node, factor = calibrate_speed(node, shape, layers, gpu, result["decode_tokens_per_s"])
+    factors[node.name] = factor
+    print(f"measured on this machine: {result['decode_tokens_per_s']:.1f} tokens/s "
+          f"({layers} layers on GPU)", file=sys.stderr)
+    return node
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         shape, source = load_shape(args.model)
         opts = EstimateOptions(args.ctx, args.batch, args.ubatch, args.kv_type, args.flash_attn)
-        nodes = load_machines(args.nodes)
+        factors = _speed_factors(args.speed_factor)
+        nodes = _live_nodes(args.url, factors) if args.url else load_machines(args.nodes)
+        if args.measure:
+            nodes.append(_measured_this_machine(args.model, shape, factors))
         if not nodes:
             raise FitError("no hardware files: pass --nodes FILE... (see configs/machines/*.yaml)")
-        report = fit_report(shape, opts, nodes, source, calibrations=_speed_factors(args.speed_factor))
+        report = fit_report(shape, opts, nodes, source, calibrations=factors)
     except (FitError, EstimateError, HardwareFileError) as exc:
         print(f"homefleet fit: {exc}", file=sys.stderr)
         return 2

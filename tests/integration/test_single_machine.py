@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
+import time
 
 import httpx
 import openai
@@ -255,6 +256,33 @@ def test_cli_chat_repl_keeps_a_conversation(server):
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.count("\n") >= 2
+
+
+def test_replica_measures_its_decode_speed_and_the_node_is_calibrated_by_it(server, client):
+    client.chat.completions.create(model=GEMMA, messages=[{"role": "user", "content": "Go on."}], max_tokens=24)
+    deadline = time.monotonic() + 15  # the controller polls replicas every 2 s
+    while time.monotonic() < deadline:
+        view = server.cluster()
+        replica = next(m for m in view["models"] if m["name"] == GEMMA)["replicas"][0]
+        node = view["nodes"][0]
+        if replica["decode_tokens_per_s"] and node["speed_factor"]:
+            break
+        time.sleep(0.5)
+    assert replica["decode_tokens_per_s"] > 1
+    # A probed node knows no RAM bandwidth: the measured run gives its effective one.
+    assert node["speed_factor"] == 1.0 and node["hardware"]["ram_bandwidth_gbps"] > 0
+
+
+def test_fit_measures_this_machine_with_a_short_run(gemma_path):
+    out = subprocess.run(
+        homefleet_command("fit", gemma_path, "--measure", "--ctx", "1024", "--json"),
+        env=child_env(), capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    nodes = {n["node"]: n for n in json.loads(out.stdout)["nodes"]}
+    measured = next(n for name, n in nodes.items() if name.endswith("(measured)"))
+    assert measured["verdict"] == "cpu" and measured["tokens_per_s"] > 1
+    assert "measured on this machine" in out.stderr
 
 
 def test_dashboard_metrics_and_probes_answer(server):

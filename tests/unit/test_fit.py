@@ -154,3 +154,25 @@ def test_cli_fit_of_a_file_that_is_not_gguf_says_so(tmp_path, capsys):
 
 def test_cli_fit_exits_1_when_no_node_can_hold_the_model(capsys):
     assert main(["fit", "llama-2-70b:f16"]) == 1
+
+
+def test_measured_speed_calibrates_a_node_with_known_bandwidth_by_a_factor():
+    from orchestrator.fit import calibrate_speed, decode_tokens_per_s
+
+    shape = catalog.lookup("llama-3.1-8b")
+    node = load_machines()[0]  # declared bandwidths
+    gpu = node.gpus[0]
+    predicted = decode_tokens_per_s(shape, shape.n_layers + 1, node, gpu)
+    same, factor = calibrate_speed(node, shape, shape.n_layers + 1, gpu, predicted / 2)
+    assert same == node and abs(factor - 0.5) < 1e-9
+
+
+def test_measured_cpu_speed_gives_a_probed_node_its_effective_ram_bandwidth():
+    from orchestrator.fit import calibrate_speed, decode_tokens_per_s
+
+    shape = catalog.lookup("llama-3.1-8b")
+    probed = load_machines()[0].model_copy(update={"ram_bandwidth_gbps": None, "gpus": []})
+    assert decode_tokens_per_s(shape, 0, probed, None) is None
+    calibrated, factor = calibrate_speed(probed, shape, 0, None, 7.0)
+    assert factor == 1.0
+    assert abs(decode_tokens_per_s(shape, 0, calibrated, None) - 7.0) < 0.1
