@@ -36,6 +36,7 @@ class ModelReplicaImpl:
         self.reason: str | None = None
         self.lock = threading.Lock()
         self.served = 0
+        self.cancelled: set[str] = set()  # request ids whose clients went away
 
     # ---- lifecycle -------------------------------------------------------------------
     def load(self) -> dict:
@@ -91,13 +92,17 @@ class ModelReplicaImpl:
         except RequestError as exc:
             return {"error": exc.as_dict()}
 
-    def stream_chat(self, messages: list[dict], sampling: dict) -> Iterator:
-        yield from self._stream(lambda e: e.stream_chat(messages, sampling), sampling)
+    def stream_chat(self, messages: list[dict], sampling: dict, request_id: str = "") -> Iterator:
+        yield from self._stream(lambda e: e.stream_chat(messages, sampling), sampling, request_id)
 
-    def stream_text(self, prompt: str, sampling: dict) -> Iterator:
-        yield from self._stream(lambda e: e.stream_text(prompt, sampling), sampling)
+    def stream_text(self, prompt: str, sampling: dict, request_id: str = "") -> Iterator:
+        yield from self._stream(lambda e: e.stream_text(prompt, sampling), sampling, request_id)
 
-    def _stream(self, start, sampling: dict) -> Iterator:
+    def cancel(self, request_id: str) -> None:
+        """The client went away: stop generating for it at the next token."""
+        self.cancelled.add(request_id)
+
+    def _stream(self, start, sampling: dict, request_id: str) -> Iterator:
         """First item: {"error": ...} or b"" (accepted); then SSE bytes, ending with [DONE].
 
         Tokens are sent in small batches (the first at once, then at most every
@@ -114,6 +119,9 @@ class ModelReplicaImpl:
             pending: list[bytes] = []
             last_flush = None
             for event, has_content in _sse_events(chunks, sampling.get("include_usage")):
+                if request_id in self.cancelled:
+                    self.cancelled.discard(request_id)
+                    return
                 pending.append(event)
                 now = time.monotonic()
                 if has_content and (last_flush is None or now - last_flush >= FLUSH_INTERVAL_S):
@@ -178,3 +186,4 @@ for _name in ("stream_chat", "stream_text"):
         ray.method(num_returns="streaming", concurrency_group="engine")(getattr(ModelReplicaImpl, _name)),
     )
 ModelReplicaImpl.info = ray.method(concurrency_group="control")(ModelReplicaImpl.info)
+ModelReplicaImpl.cancel = ray.method(concurrency_group="control")(ModelReplicaImpl.cancel)

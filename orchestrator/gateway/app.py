@@ -12,6 +12,7 @@ import json
 import secrets
 import struct
 import time
+import uuid
 from importlib import resources
 from typing import AsyncIterator
 
@@ -117,7 +118,7 @@ def create_app(controller: Controller, config: HomefleetConfig, api_key: str | N
         finally:
             router.release(replica, served)
 
-    async def _stream(replica: ReplicaRecord, generator) -> StreamingResponse | JSONResponse:
+    async def _stream(replica: ReplicaRecord, generator, request_id: str) -> StreamingResponse | JSONResponse:
         try:
             first = await (await generator.__anext__())
         except Exception as exc:
@@ -137,6 +138,8 @@ def create_app(controller: Controller, config: HomefleetConfig, api_key: str | N
                 body = error_body(f"replica {replica.replica_id} failed mid-stream: {exc}", "server_error")
                 yield b"data: " + json.dumps(body).encode() + b"\n\n"
             finally:
+                if not served:  # the client left (or the replica failed): free the model now
+                    replica.handle.cancel.remote(request_id)
                 router.release(replica, served)
 
         headers = {**_node_headers(replica), "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -147,7 +150,8 @@ def create_app(controller: Controller, config: HomefleetConfig, api_key: str | N
         replica = router.acquire(body.model)
         messages, sampling = body.engine_messages(), body.sampling()
         if body.stream:
-            return await _stream(replica, replica.handle.stream_chat.remote(messages, sampling))
+            request_id = uuid.uuid4().hex
+            return await _stream(replica, replica.handle.stream_chat.remote(messages, sampling, request_id), request_id)
         return await _whole(replica, replica.handle.chat.remote(messages, sampling))
 
     @app.post("/v1/completions")
@@ -155,7 +159,8 @@ def create_app(controller: Controller, config: HomefleetConfig, api_key: str | N
         replica = router.acquire(body.model)
         sampling = body.sampling()
         if body.stream:
-            return await _stream(replica, replica.handle.stream_text.remote(body.prompt, sampling))
+            request_id = uuid.uuid4().hex
+            return await _stream(replica, replica.handle.stream_text.remote(body.prompt, sampling, request_id), request_id)
         return await _whole(replica, replica.handle.complete.remote(body.prompt, sampling))
 
     @app.post("/v1/embeddings")

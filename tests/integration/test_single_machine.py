@@ -223,6 +223,23 @@ def test_embeddings_from_a_chat_model_are_a_400_naming_the_setting(client):
     assert "embedding: true" in str(caught.value)
 
 
+def test_a_client_that_leaves_mid_stream_frees_the_model_at_once(server):
+    long = {"model": GEMMA, "messages": [{"role": "user", "content": "Tell a very long story."}],
+            "max_tokens": 900, "stream": True, "temperature": 0.7}
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=long, timeout=60) as response:
+        lines = response.iter_lines()
+        next(lines), next(lines)  # the answer has started; now the client goes away
+    started = time.monotonic()
+    reply = httpx.post(
+        f"{server.url}/v1/chat/completions",
+        json={"model": GEMMA, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}, timeout=120,
+    )
+    waited = time.monotonic() - started
+    assert reply.status_code == 200
+    # 900 tokens would hold the model for 15 s or more on this machine; cancelled, it is free now.
+    assert waited < 8, f"the next request waited {waited:.1f}s behind an abandoned stream"
+
+
 def test_model_still_serves_after_bad_requests(client):
     reply = client.chat.completions.create(model=GEMMA, messages=[{"role": "user", "content": "ok?"}], max_tokens=3)
     assert reply.choices[0].message.content is not None
