@@ -1,0 +1,154 @@
+"""What placement takes and gives: node snapshots, model demands, assignments, margins.
+
+Plain frozen values; `orchestrator.core.placement.place` is the function over them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, NamedTuple
+
+from orchestrator.core.hardware import GIB, MIB, NodeHardware
+from orchestrator.core.memory import NeedFunction
+
+AssignmentKind = Literal["gpu", "split", "cpu"]
+
+
+@dataclass(frozen=True)
+class GpuSnapshot:
+    index: int
+    name: str
+    vram_total_bytes: int
+    vram_free_bytes: int
+
+
+@dataclass(frozen=True)
+class NodeSnapshot:
+    """A node as placement sees it. Free figures are measured (other programs included).
+
+    model_files: names of the models whose file the node holds; None means unknown (any).
+    ram_total_bytes: for the RAM margin; 0 means unknown (the free figure is used).
+    """
+
+    name: str
+    alive: bool
+    ram_free_bytes: int
+    gpus: tuple[GpuSnapshot, ...] = ()
+    model_files: frozenset[str] | None = None
+    ram_total_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class ModelDemand:
+    """One replica to place.
+
+    n_layers: offloadable units (blocks + output layer); need(k) for k in 0..n_layers.
+    gpu_layers: user override, exactly this many layers on the GPU (0 = CPU only; a
+    negative value or one above n_layers means all layers).
+    """
+
+    model: str
+    replica: int
+    n_layers: int
+    need: NeedFunction = field(compare=False)
+    pin_node: str | None = None
+    gpu_layers: int | None = None
+    keep_free_vram_bytes: int = 0
+
+    def __post_init__(self) -> None:
+        if self.n_layers < 0:
+            raise ValueError(f"{self.model}: n_layers must be >= 0, got {self.n_layers}")
+        if self.keep_free_vram_bytes < 0:
+            raise ValueError(f"{self.model}: keep_free_vram_bytes must be >= 0")
+
+    @property
+    def fixed_gpu_layers(self) -> int | None:
+        """The override clamped to 0..n_layers (negative = all), or None when unset."""
+        if self.gpu_layers is None:
+            return None
+        if self.gpu_layers < 0 or self.gpu_layers > self.n_layers:
+            return self.n_layers
+        return self.gpu_layers
+
+
+@dataclass(frozen=True)
+class Assignment:
+    model: str
+    replica: int
+    node: str
+    gpu_index: int | None
+    gpu_layers: int
+    n_layers: int
+    gpu_bytes: int
+    ram_bytes: int
+    kind: AssignmentKind
+
+
+@dataclass(frozen=True)
+class Unplaced:
+    """A replica that fits nowhere; reasons maps node name -> why not, in numbers."""
+
+    model: str
+    replica: int
+    reasons: dict[str, str]
+
+    @property
+    def summary(self) -> str:
+        if not self.reasons:
+            return "no nodes in the cluster"
+        return "; ".join(f"{node}: {reason}" for node, reason in self.reasons.items())
+
+
+@dataclass(frozen=True)
+class PlacementResult:
+    assignments: tuple[Assignment, ...]
+    unplaced: tuple[Unplaced, ...]
+
+
+class Reservation(NamedTuple):
+    """Memory promised on a node but not yet in its measured figures (replicas loading)."""
+
+    vram_bytes_by_gpu: Mapping[int, int]
+    ram_bytes: int
+
+
+@dataclass(frozen=True)
+class Margins:
+    vram_min_bytes: int = 256 * MIB
+    vram_fraction: float = 0.05
+    ram_min_bytes: int = 1 * GIB
+    ram_fraction: float = 0.05
+
+    def vram_bytes(self, total_bytes: int) -> int:
+        return max(self.vram_min_bytes, int(total_bytes * self.vram_fraction))
+
+    def ram_bytes(self, total_bytes: int) -> int:
+        return max(self.ram_min_bytes, int(total_bytes * self.ram_fraction))
+
+
+DEFAULT_MARGINS = Margins()
+
+
+def snapshot_from_hardware(hw: NodeHardware, model_files: frozenset[str] | set[str] | None = None) -> NodeSnapshot:
+    """A live snapshot of a hardware report or file (free = total where not measured)."""
+    return NodeSnapshot(
+        name=hw.name,
+        alive=True,
+        ram_free_bytes=hw.ram_available,
+        ram_total_bytes=int(hw.ram_total_bytes),
+        gpus=tuple(GpuSnapshot(g.index, g.name, int(g.vram_total_bytes), g.vram_free) for g in hw.gpus),
+        model_files=None if model_files is None else frozenset(model_files),
+    )
+
+
+def reservations_for(assignments: Sequence[Assignment]) -> dict[str, Reservation]:
+    """What `assignments` (replicas still loading) hold per node, as `place` takes it."""
+    vram: dict[str, dict[int, int]] = {}
+    ram: dict[str, int] = {}
+    for a in assignments:
+        by_gpu = vram.setdefault(a.node, {})
+        if a.gpu_index is not None:
+            by_gpu[a.gpu_index] = by_gpu.get(a.gpu_index, 0) + a.gpu_bytes
+        ram[a.node] = ram.get(a.node, 0) + a.ram_bytes
+    return {node: Reservation(vram[node], ram[node]) for node in vram}
