@@ -62,7 +62,21 @@ from orchestrator.core.placement_types import (
 )
 
 
-__all__ = ["AssignmentKind", "GpuSnapshot", "NodeSnapshot", "ModelDemand", "Assignment", "Unplaced", "PlacementResult", "Reservation", "Margins", "DEFAULT_MARGINS", "snapshot_from_hardware", "reservations_for", "place"]
+__all__ = [
+    "AssignmentKind",
+    "GpuSnapshot",
+    "NodeSnapshot",
+    "ModelDemand",
+    "Assignment",
+    "Unplaced",
+    "PlacementResult",
+    "Reservation",
+    "Margins",
+    "DEFAULT_MARGINS",
+    "snapshot_from_hardware",
+    "reservations_for",
+    "place",
+]
 
 
 # ---------------------------------------------------------------- the ledger of one call
