@@ -115,11 +115,14 @@ class Controller:
         for task in list(self._loads):
             task.cancel()
         for record in list(self.replicas.values()) + list(self.failed_keys.values()):
-            self.cluster.kill(record.handle)
+            await self._kill(record.handle)
         for node in self.nodes.values():
             if node.agent is not None:
-                self.cluster.kill(node.agent)
+                await self._kill(node.agent)
         self.replicas.clear()
+
+    async def _kill(self, handle) -> None:
+        await asyncio.to_thread(self.cluster.kill, handle)  # a GCS round trip: not on the loop
 
     async def tick(self) -> None:
         await self._refresh_nodes()
@@ -147,8 +150,8 @@ class Controller:
             node = self.nodes.get(replica.node_id)
             if node is None or not node.alive:
                 log.warning("node %s is gone: %s will be placed again", replica.node_name, replica.replica_id)
-                self.cluster.kill(replica.handle)
                 del self.replicas[key]
+                await self._kill(replica.handle)
 
     async def _poll_agents(self) -> None:
         paths = {m.name: m.path for m in self.config.models if m.path}
@@ -175,9 +178,20 @@ class Controller:
             return_exceptions=True,
         )
         for replica, info in zip(ready, infos):
-            if not isinstance(info, BaseException):
-                replica.info = info
-                self._calibrate_speed(replica)
+            if isinstance(info, BaseException):
+                if self.cluster.is_dead_actor_error(info):
+                    await self.replica_died(replica, f"replica process died: {type(info).__name__}")
+                continue
+            replica.info = info
+            self._calibrate_speed(replica)
+
+    async def replica_died(self, replica: ReplicaRecord, reason: str) -> None:
+        """A replica's process is gone (crash, OOM kill): forget it so placement starts another."""
+        key = (replica.model, replica.index)
+        if self.replicas.get(key) is replica:
+            log.warning("%s on %s: %s; placing it again", replica.replica_id, replica.node_name, reason)
+            del self.replicas[key]
+            await self._kill(replica.handle)
 
     def _calibrate_speed(self, replica: ReplicaRecord) -> None:
         """A node's decode speed as its replicas measure it, against the bandwidth prediction."""
@@ -349,19 +363,24 @@ class Controller:
         task.add_done_callback(self._loads.discard)
 
     async def _load(self, record: ReplicaRecord) -> None:
+        key = (record.model, record.index)
         try:
             info = await self.cluster.load(record.handle)
         except Exception as exc:
-            info = {"state": "failed", "reason": f"replica process died while loading: {exc}"}
+            if self.replicas.get(key) is not record:
+                return  # its node left while it loaded; a new replica has taken its place
+            info = {"state": "failed", "reason": f"replica process died while loading: {type(exc).__name__}"}
+        if self.replicas.get(key) is not record:
+            return
         record.info = info
         record.state = info.get("state", "failed")
         record.reason = info.get("reason")
         if record.state == "failed":
             # Stays failed with its reason; the other models keep serving.
             log.warning("%s failed: %s", record.replica_id, record.reason)
-            self.replicas.pop((record.model, record.index), None)
-            self.failed_keys[(record.model, record.index)] = record
-            self.cluster.kill(record.handle)
+            self.replicas.pop(key, None)
+            self.failed_keys[key] = record
+            await self._kill(record.handle)
 
     # ---- read by the router and the views ----------------------------------------------
     def ready_replicas(self, model: str) -> list[ReplicaRecord]:
@@ -376,12 +395,12 @@ class Controller:
             return "loading", None
         if failed:
             return "failed", failed[0].reason
+        if self.waiting_for:
+            return "pending", "waiting for nodes to join: " + ", ".join(self.waiting_for)
         if name in self.model_problems:
             return "failed", self.model_problems[name]
         if name in self.unplaced:
             return "pending", "not placed: " + self.unplaced[name].summary
-        if self.waiting_for:
-            return "pending", "waiting for nodes to join: " + ", ".join(self.waiting_for)
         return "pending", "waiting for node reports" if self.ticks < 2 else "waiting"
 
     def node_name(self, node_id: str) -> str:

@@ -73,6 +73,10 @@ class RayCluster:
         return await _awaitable(handle.load.remote())
 
     @staticmethod
+    def is_dead_actor_error(exc: BaseException) -> bool:
+        return isinstance(exc, ray.exceptions.RayActorError)
+
+    @staticmethod
     def kill(handle) -> None:
         if handle is None:
             return

@@ -73,13 +73,16 @@ class RayProcess:
     def stop(self, timeout_s: float = 20.0) -> None:
         if self.popen.poll() is not None:
             return
-        # SIGTERM lets `ray start --block` stop the raylet, GCS and workers it started.
-        os.killpg(self.popen.pid, signal.SIGTERM)
         try:
-            self.popen.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.popen.pid, signal.SIGKILL)
-            self.popen.wait()
+            # SIGTERM lets `ray start --block` stop the raylet, GCS and workers it started.
+            os.killpg(self.popen.pid, signal.SIGTERM)
+            try:
+                self.popen.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.popen.pid, signal.SIGKILL)
+                self.popen.wait()
+        except ProcessLookupError:
+            pass  # it ended on its own meanwhile
 
 
 def _ray_start(args: list[str], env_updates: dict[str, str], log_path: Path | None) -> subprocess.Popen:
@@ -92,9 +95,11 @@ def _ray_start(args: list[str], env_updates: dict[str, str], log_path: Path | No
     env.setdefault("RAY_worker_niceness", "0")
     # A busy laptop can take longer than Ray's 30 s to register its raylet.
     env.setdefault("RAY_raylet_start_wait_time_s", "120")
-    out = open(log_path, "ab") if log_path else subprocess.DEVNULL
     cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--block", "--disable-usage-stats", *args]
-    return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    if log_path is None:
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
+    with open(log_path, "ab") as out:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def _labels(node_name: str | None) -> list[str]:
@@ -121,9 +126,13 @@ def start_head(
     if num_cpus is not None:
         args.append(f"--num-cpus={num_cpus}")
     popen = _ray_start(args, {**health_check_env(), **auth_environment(token), **node_env}, log_path)
-    address = f"{node_ip}:{port}"
-    _wait_for_port(node_ip, port, popen, timeout_s)
-    return RayProcess(popen, address)
+    head = RayProcess(popen, f"{node_ip}:{port}")
+    try:
+        _wait_for_port(node_ip, port, popen, timeout_s)
+    except BaseException:  # timed out or Ctrl-C while starting: leave nothing behind
+        head.stop()
+        raise
+    return head
 
 
 def join_cluster(

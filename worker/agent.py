@@ -94,4 +94,4 @@ class NodeAgentImpl:
 
 
 def agent_actor_class():
-    return ray.remote(num_cpus=0, max_concurrency=2, max_restarts=-1)(NodeAgentImpl)
+    return ray.remote(num_cpus=0, max_concurrency=4, max_restarts=-1)(NodeAgentImpl)  # reports during dry runs

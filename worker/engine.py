@@ -100,23 +100,28 @@ class Engine:
 
     # ---- prompts -----------------------------------------------------------------------
     def _tokens_for_chat(self, messages: list[dict]) -> tuple[list[int], list[str]]:
-        formatted = self.formatter.format(messages)
+        try:
+            formatted = self.formatter.format(messages)
+        except Exception as exc:  # the chat template refused the conversation (e.g. roles must alternate)
+            raise RequestError(
+                f"model '{self.settings.model_name}' cannot format these messages: {exc}", param="messages"
+            ) from None
         tokens = self.llama.tokenize(formatted.prompt.encode("utf-8"), add_bos=formatted.add_bos, special=True)
         return tokens, formatted.stop
 
     def _tokens_for_text(self, prompt: str) -> list[int]:
         return self.llama.tokenize(prompt.encode("utf-8"), add_bos=True, special=False)
 
-    def _check_fits(self, prompt_tokens: int, max_tokens: int | None) -> int:
+    def _check_fits(self, prompt_tokens: int, max_tokens: int | None, param: str = "messages") -> int:
         """Tokens left for the answer; raise context_length_exceeded when none are."""
         room = self.n_ctx - prompt_tokens
         if room <= 0 or (max_tokens is not None and max_tokens > room):
-            raise context_length_exceeded(prompt_tokens, max_tokens, self.n_ctx)
+            raise context_length_exceeded(prompt_tokens, max_tokens, self.n_ctx, param)
         return room if max_tokens is None else max_tokens
 
     # ---- generation --------------------------------------------------------------------
-    def _generate(self, tokens: list[int], sampling: dict, extra_stop: list[str]) -> Iterator[dict]:
-        max_tokens = self._check_fits(len(tokens), sampling.get("max_tokens"))
+    def _generate(self, tokens: list[int], sampling: dict, extra_stop: list[str], param: str) -> Iterator[dict]:
+        max_tokens = self._check_fits(len(tokens), sampling.get("max_tokens"), param)
         stop = list(sampling.get("stop") or []) + list(extra_stop)
         seed = sampling.get("seed")
         if seed is not None:
@@ -143,7 +148,7 @@ class Engine:
         return self._stream("text", self._tokens_for_text(prompt), sampling, [])
 
     def _stream(self, kind: str, tokens: list[int], sampling: dict, stop: list[str]) -> Iterator[dict]:
-        pieces = self._generate(tokens, sampling, stop)  # raises before the first chunk
+        pieces = self._generate(tokens, sampling, stop, "messages" if kind == "chat" else "prompt")
         return _openai_chunks(kind, self.settings.model_name, pieces, len(tokens), self.decode_rates.append)
 
     def chat(self, messages: list[dict], sampling: dict) -> dict:
@@ -162,7 +167,13 @@ class Engine:
         data, prompt_tokens = [], 0
         for index, text in enumerate(inputs):
             tokens = self._tokens_for_text(text)
-            self._check_fits(len(tokens), None)
+            self._check_fits(len(tokens), None, "input")
+            if len(tokens) > self.settings.n_batch:  # llama.cpp embeds one batch at a time
+                raise RequestError(
+                    f"input[{index}] is {len(tokens)} tokens; this model embeds at most {self.settings.n_batch}",
+                    param="input",
+                    code="context_length_exceeded",
+                )
             prompt_tokens += len(tokens)
             data.append({"object": "embedding", "index": index, "embedding": _pooled(self.llama.embed(text))})
         return {

@@ -30,13 +30,15 @@ class RequestError(Exception):
         return cls(data["message"], data["status"], data["type"], data.get("param"), data.get("code"))
 
 
-def context_length_exceeded(prompt_tokens: int, max_tokens: int | None, n_ctx: int) -> RequestError:
+def context_length_exceeded(
+    prompt_tokens: int, max_tokens: int | None, n_ctx: int, param: str = "messages"
+) -> RequestError:
     wanted = prompt_tokens + (max_tokens or 0)
     detail = f"{prompt_tokens} in the messages" + (f" + {max_tokens} in the completion" if max_tokens else "")
     return RequestError(
         f"This model's maximum context length is {n_ctx} tokens. However, you requested {wanted} tokens ({detail}). "
         "Please reduce the length of the messages or completion.",
         status=400,
-        param="messages",
+        param=param,
         code="context_length_exceeded",
     )

@@ -85,13 +85,18 @@ class NvmlSession:
         if self.nvml is None:
             return None
         nv = self.nvml
-        total = 0
-        for index in range(nv.nvmlDeviceGetCount()):
-            handle = nv.nvmlDeviceGetHandleByIndex(index)
-            for proc in nv.nvmlDeviceGetComputeRunningProcesses(handle):
-                if proc.pid == pid and proc.usedGpuMemory:
-                    total += int(proc.usedGpuMemory)
-        return total
+        total, seen = 0, False
+        try:
+            for index in range(nv.nvmlDeviceGetCount()):
+                handle = nv.nvmlDeviceGetHandleByIndex(index)
+                for proc in nv.nvmlDeviceGetComputeRunningProcesses(handle):
+                    if proc.pid == pid:
+                        seen = True
+                        total += int(proc.usedGpuMemory or 0)
+        except nv.NVMLError:  # MIG, vGPU, WSL: per-process figures are not always there
+            return None
+        # Not listed: no CUDA context here (CPU only), or a container hiding host pids.
+        return total if seen else None
 
 
 def _text(value) -> str:

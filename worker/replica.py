@@ -36,7 +36,8 @@ class ModelReplicaImpl:
         self.reason: str | None = None
         self.lock = threading.Lock()
         self.served = 0
-        self.cancelled: set[str] = set()  # request ids whose clients went away
+        self.streaming: str | None = None  # request id of the stream running now
+        self.cancelled: str | None = None  # set when that stream's client went away
 
     # ---- lifecycle -------------------------------------------------------------------
     def load(self) -> dict:
@@ -63,7 +64,10 @@ class ModelReplicaImpl:
         }
         if self.engine is not None:
             out.update(self.engine.describe())
-            out["memory"] = self.engine.memory()
+            try:
+                out["memory"] = self.engine.memory()
+            except Exception as exc:  # a driver quirk must not make a working replica look dead
+                out["memory_error"] = str(exc)
         return out
 
     # ---- requests --------------------------------------------------------------------
@@ -99,8 +103,9 @@ class ModelReplicaImpl:
         yield from self._stream(lambda e: e.stream_text(prompt, sampling), sampling, request_id)
 
     def cancel(self, request_id: str) -> None:
-        """The client went away: stop generating for it at the next token."""
-        self.cancelled.add(request_id)
+        """The client went away: stop generating for it at the next token (if it still runs)."""
+        if request_id and request_id == self.streaming:
+            self.cancelled = request_id
 
     def _stream(self, start, sampling: dict, request_id: str) -> Iterator:
         """First item: {"error": ...} or b"" (accepted); then SSE bytes, ending with [DONE].
@@ -118,16 +123,19 @@ class ModelReplicaImpl:
             yield b""
             pending: list[bytes] = []
             last_flush = None
-            for event, has_content in _sse_events(chunks, sampling.get("include_usage")):
-                if request_id in self.cancelled:
-                    self.cancelled.discard(request_id)
-                    return
-                pending.append(event)
-                now = time.monotonic()
-                if has_content and (last_flush is None or now - last_flush >= FLUSH_INTERVAL_S):
-                    yield b"".join(pending)
-                    pending.clear()
-                    last_flush = now
+            self.streaming, self.cancelled = request_id, None
+            try:
+                for event, has_content in _sse_events(chunks, sampling.get("include_usage")):
+                    if self.cancelled == request_id:
+                        return
+                    pending.append(event)
+                    now = time.monotonic()
+                    if has_content and (last_flush is None or now - last_flush >= FLUSH_INTERVAL_S):
+                        yield b"".join(pending)
+                        pending.clear()
+                        last_flush = now
+            finally:
+                self.streaming = self.cancelled = None
             pending.append(SSE_DONE)
             yield b"".join(pending)
             self.served += 1

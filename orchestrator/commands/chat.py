@@ -76,6 +76,9 @@ def run(args: argparse.Namespace) -> int:
         except httpx.ConnectError:
             print(f"homefleet chat: no homefleet gateway at {url}: start one with `homefleet up`", file=sys.stderr)
             return 1
+        except httpx.HTTPError as exc:
+            print(f"homefleet chat: {type(exc).__name__}: {exc}", file=sys.stderr)
+            return 1
         except ChatError as exc:
             print(f"homefleet chat: {exc}", file=sys.stderr)
             return 1
@@ -99,8 +102,12 @@ def _repl(client: httpx.Client, url: str, model: str, messages: list, sampling: 
         messages.append({"role": "user", "content": line})
         try:
             answer = stream_answer(client, url, {"model": model, "messages": messages, **sampling}, sys.stdout)
-        except ChatError as exc:
+        except (ChatError, httpx.HTTPError) as exc:
             print(f"error: {exc}", file=sys.stderr)
+            messages.pop()
+            continue
+        except KeyboardInterrupt:  # stop this answer, keep the conversation
+            print("\n(interrupted)", file=sys.stderr)
             messages.pop()
             continue
         messages.append({"role": "assistant", "content": answer})

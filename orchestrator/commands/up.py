@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -64,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = resolve_config(args)
         hardware = _read_hardware(args.hardware)
-    except (ConfigError, DemoUnavailable) as exc:
+    except (ConfigError, DemoUnavailable, ValueError) as exc:  # ValueError: a bad flag or hardware file
         print(f"homefleet up: {exc}", file=sys.stderr)
         return 2
     from orchestrator import ray_cluster
@@ -92,6 +93,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"homefleet up: {exc} (log: {log_dir / 'ray-head.log'})", file=sys.stderr)
             return 1
         address = head.address
+    # systemd stops with SIGTERM: clean up as on Ctrl-C (uvicorn re-raises the signal it caught).
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         ray_cluster.connect(address, token)
         _print_banner(config, address, token)
@@ -107,6 +110,10 @@ def run(args: argparse.Namespace) -> int:
             head.stop()
     print("homefleet: stopped", flush=True)
     return 0
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def _read_hardware(path: str | None):
@@ -127,7 +134,14 @@ async def _serve(config: HomefleetConfig) -> None:
     controller = Controller(config, RayCluster())
     app = create_app(controller, config)
     server = uvicorn.Server(
-        uvicorn.Config(app, host=config.gateway.host, port=config.gateway.port, log_level="warning", access_log=False)
+        uvicorn.Config(
+            app,
+            host=config.gateway.host,
+            port=config.gateway.port,
+            log_level="warning",
+            access_log=False,
+            timeout_graceful_shutdown=5,  # do not wait out a long generation on Ctrl-C
+        )
     )
     controller.start()
     try:

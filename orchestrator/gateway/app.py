@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import ipaddress
 import json
+import logging
 import secrets
 import struct
 import time
@@ -27,6 +28,7 @@ from orchestrator.gateway.metrics import render_metrics
 from orchestrator.gateway.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from worker.errors import RequestError
 
+log = logging.getLogger(__name__)
 PUBLIC_PATHS = {"/", "/healthz", "/readyz", "/favicon.ico"}
 
 
@@ -96,7 +98,8 @@ def create_app(controller: Controller, config: HomefleetConfig, api_key: str | N
     async def require_key_off_loopback(request: Request, call_next):
         if request.url.path in PUBLIC_PATHS or _is_loopback(request.client.host if request.client else None):
             return await call_next(request)
-        sent = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+        scheme, _, sent = request.headers.get("authorization", "").strip().partition(" ")
+        sent = sent.strip() if scheme.lower() == "bearer" else ""
         if not api_key:
             message = "This gateway serves loopback only: set HOMEFLEET_API_KEY (or gateway.api_key) to admit other addresses."
             return JSONResponse(status_code=401, content=error_body(message, "invalid_request_error", None, "invalid_api_key"))
@@ -105,25 +108,37 @@ def create_app(controller: Controller, config: HomefleetConfig, api_key: str | N
             return JSONResponse(status_code=401, content=error_body(message, "invalid_request_error", None, "invalid_api_key"))
         return await call_next(request)
 
-    async def _whole(replica: ReplicaRecord, call) -> JSONResponse:
+    async def _replica_failed(replica: ReplicaRecord, exc: Exception) -> RequestError:
+        """The replica broke under a request: log the detail, tell the client briefly."""
+        log.warning("request to %s on %s failed", replica.replica_id, replica.node_name, exc_info=exc)
+        if controller.cluster.is_dead_actor_error(exc):
+            await controller.replica_died(replica, f"replica process died: {type(exc).__name__}")
+        return RequestError(
+            f"replica {replica.replica_id} on {replica.node_name} failed ({type(exc).__name__}); retry shortly",
+            status=502,
+            type="server_error",
+        )
+
+    async def _whole(replica: ReplicaRecord, start) -> JSONResponse:
         served = False
         try:
-            result = await call
+            result = await start()
             if "error" in result:
                 return error_response(RequestError.from_dict(result["error"]))
             served = True
             return JSONResponse(result, headers=_node_headers(replica))
-        except Exception as exc:  # the replica's process died under the request
-            raise RequestError(f"replica {replica.replica_id} on {replica.node_name} failed: {exc}", status=502, type="server_error") from exc
+        except Exception as exc:
+            raise await _replica_failed(replica, exc) from None
         finally:
             router.release(replica, served)
 
-    async def _stream(replica: ReplicaRecord, generator, request_id: str) -> StreamingResponse | JSONResponse:
+    async def _stream(replica: ReplicaRecord, start, request_id: str) -> StreamingResponse | JSONResponse:
         try:
+            generator = start()
             first = await (await generator.__anext__())
         except Exception as exc:
             router.release(replica, False)
-            raise RequestError(f"replica {replica.replica_id} on {replica.node_name} failed: {exc}", status=502, type="server_error") from exc
+            raise await _replica_failed(replica, exc) from None
         if isinstance(first, dict) and "error" in first:
             router.release(replica, False)
             return error_response(RequestError.from_dict(first["error"]))
@@ -135,8 +150,8 @@ def create_app(controller: Controller, config: HomefleetConfig, api_key: str | N
                     yield await ref
                 served = True
             except Exception as exc:
-                body = error_body(f"replica {replica.replica_id} failed mid-stream: {exc}", "server_error")
-                yield b"data: " + json.dumps(body).encode() + b"\n\n"
+                failure = await _replica_failed(replica, exc)
+                yield b"data: " + json.dumps(error_body(failure.message, failure.type)).encode() + b"\n\n"
             finally:
                 if not served:  # the client left (or the replica failed): free the model now
                     replica.handle.cancel.remote(request_id)
@@ -151,8 +166,10 @@ def create_app(controller: Controller, config: HomefleetConfig, api_key: str | N
         messages, sampling = body.engine_messages(), body.sampling()
         if body.stream:
             request_id = uuid.uuid4().hex
-            return await _stream(replica, replica.handle.stream_chat.remote(messages, sampling, request_id), request_id)
-        return await _whole(replica, replica.handle.chat.remote(messages, sampling))
+            return await _stream(
+                replica, lambda: replica.handle.stream_chat.remote(messages, sampling, request_id), request_id
+            )
+        return await _whole(replica, lambda: replica.handle.chat.remote(messages, sampling))
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest):
@@ -160,13 +177,15 @@ def create_app(controller: Controller, config: HomefleetConfig, api_key: str | N
         sampling = body.sampling()
         if body.stream:
             request_id = uuid.uuid4().hex
-            return await _stream(replica, replica.handle.stream_text.remote(body.prompt, sampling, request_id), request_id)
-        return await _whole(replica, replica.handle.complete.remote(body.prompt, sampling))
+            return await _stream(
+                replica, lambda: replica.handle.stream_text.remote(body.prompt, sampling, request_id), request_id
+            )
+        return await _whole(replica, lambda: replica.handle.complete.remote(body.prompt, sampling))
 
     @app.post("/v1/embeddings")
     async def embeddings(body: EmbeddingRequest):
         replica = router.acquire(body.model)
-        response = await _whole(replica, replica.handle.embed.remote(body.inputs()))
+        response = await _whole(replica, lambda: replica.handle.embed.remote(body.inputs()))
         if body.encoding_format == "base64" and response.status_code == 200:
             result = json.loads(response.body)
             for item in result["data"]:

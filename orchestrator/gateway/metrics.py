@@ -5,13 +5,19 @@ from __future__ import annotations
 from orchestrator.cluster_view import ClusterView
 
 
+def _escape(value: object) -> str:
+    return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
 def _labels(**values: object) -> str:
-    inner = ",".join(f'{k}="{str(v).replace(chr(34), chr(39))}"' for k, v in values.items())
-    return "{" + inner + "}"
+    return "{" + ",".join(f'{k}="{_escape(v)}"' for k, v in values.items()) + "}"
 
 
 def render_metrics(view: ClusterView) -> str:
     lines: list[str] = []
+    # A machine that left and joined again has an old "gone" record: one series per name.
+    alive = {n.name for n in view.nodes if n.state == "alive"}
+    view = view.model_copy(update={"nodes": [n for n in view.nodes if n.state == "alive" or n.name not in alive]})
 
     def metric(name: str, kind: str, help_text: str, samples: list[tuple[dict, float]]) -> None:
         lines.append(f"# HELP {name} {help_text}")

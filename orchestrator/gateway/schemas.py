@@ -90,7 +90,15 @@ class ChatCompletionRequest(SamplingFields):
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] = Field(...)
-    echo: bool = False
+    echo: bool = Field(False, description="Not supported: echoing the prompt back.")
+
+    @model_validator(mode="after")
+    def _openai_defaults(self) -> "CompletionRequest":
+        if self.max_tokens is None:
+            self.max_tokens = 16  # OpenAI's default for the legacy completions endpoint
+        if self.echo:
+            raise ValueError("echo is not supported")
+        return self
 
     @field_validator("prompt")
     @classmethod

@@ -14,7 +14,7 @@ to the end of the context (a synthesized sequence state of zeros, restored with
 llama_state_seq_set_data: cheap, and the graph then attends over every cell, as in a full
 conversation), one full ubatch of prompt is decoded, then a few tokens are sampled. Peak
 RssAnon and RssFile are sampled every few milliseconds (the synthesized state is built in
-calloc'd zero pages, so it adds nothing resident). With --gpu the child offloads layers and NVML's per-process used
+untouched anonymous zero pages, so it adds nothing resident). With --gpu the child offloads layers and NVML's per-process used
 memory is the GPU figure.
 
 Pass: |error| <= max(7%, 384 MiB) and never more than 128 MiB under the measurement.
@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import mmap
 import os
 import struct
 import subprocess
@@ -145,7 +146,14 @@ def _synthesize_state(header: bytes, caches, n: int):
             v_trans, ks, vs = lay
             size += n * 12 + 8 + sum(12 + n * row for _, row in ks)
             size += sum(12 + (v[2] * n * v[1] if v_trans else n * v[1]) for v in vs)
-    blob = np.zeros(size, dtype=np.uint8)  # calloc: zero pages are not resident
+    # Anonymous zero pages, resident only where written. Not np.zeros: numpy madvises large
+    # arrays MADV_HUGEPAGE, so every header written into the blob would fault in a whole 2 MiB
+    # page and the blob would be resident in full during the fill (a transient that llama.cpp
+    # never has, and the peak of the run with flash attention, where the compute buffer is small).
+    mm = mmap.mmap(-1, size)
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):
+        mm.madvise(mmap.MADV_NOHUGEPAGE)
+    blob = np.frombuffer(mm, dtype=np.uint8)
     mv = memoryview(blob)
     off = 0
     mv[off : off + len(header)] = header

@@ -22,6 +22,7 @@ class FakeCluster:
         self.broken = broken or {}
         self.started: list[tuple[str, str, dict]] = []  # (node, replica id, settings)
         self.killed: list[str] = []
+        self.crashed: set[str] = set()  # replica ids whose process died
 
     def list_nodes(self) -> list[RayNode]:
         return [RayNode(f"id-{n}", f"10.0.0.{i}", up, i == 0, n) for i, (n, up) in enumerate(self.alive.items())]
@@ -53,10 +54,16 @@ class FakeCluster:
         return {"state": "ready", "memory": {"rss_bytes": 1 << 30, "vram_bytes": None}}
 
     async def info(self, handle: str, timeout_s: float) -> dict:
+        if handle in self.crashed:
+            raise ConnectionError(handle)  # stands for Ray's "actor died"
         return {"state": "ready"}
 
     def kill(self, handle) -> None:
         self.killed.append(handle)
+
+    @staticmethod
+    def is_dead_actor_error(exc: BaseException) -> bool:
+        return isinstance(exc, ConnectionError)
 
 
 def config(models: list[dict], **cluster) -> object:
@@ -162,3 +169,16 @@ def test_catalog_only_model_is_explained_not_started():
     run_ticks(controller)
     assert not cluster.started
     assert "for `homefleet plan` and `fit` only" in controller.model_state("plan-only")[1]
+
+
+def test_replica_whose_process_died_is_forgotten_and_started_again():
+    cluster = FakeCluster(LAB)
+    controller = Controller(config([{"name": "r1", "path": "deepseek-r1-distill-qwen-7b.gguf"}]), cluster)
+    run_ticks(controller)
+    cluster.crashed.add("r1#0")
+    run_ticks(controller, 1)
+    assert "r1#0" in cluster.killed
+    cluster.crashed.clear()
+    run_ticks(controller, 2)
+    assert controller.model_state("r1")[0] == "ready"
+    assert sum(1 for _, rid, _ in cluster.started if rid == "r1#0") == 2
