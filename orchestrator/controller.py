@@ -13,8 +13,9 @@ import os
 import time
 from dataclasses import dataclass, field, replace
 
-from orchestrator.cluster_view import ClusterView, ModelView, NodeView, ReplicaView
+from orchestrator.cluster_view import ClusterView
 from orchestrator.config import HomefleetConfig, ModelConfig
+from orchestrator.controller_view import cluster_view
 from orchestrator.core.hardware import NodeHardware
 from orchestrator.core.memory import scaled_need
 from orchestrator.core.placement import (
@@ -408,70 +409,16 @@ class Controller:
         return (node.name if node and node.name else node_id)
 
     def view(self) -> ClusterView:
-        nodes = []
-        for node in self.nodes.values():
-            if node.hardware is None:
-                continue
-            nodes.append(
-                NodeView(
-                    name=node.name or node.node_id,
-                    address=node.address,
-                    ray_node_id=node.node_id,
-                    state="alive" if node.alive else "gone",
-                    is_head=node.is_head,
-                    hardware=node.hardware_with_measurements(),
-                    reported_at=node.reported_at,
-                    speed_factor=node.speed_factor,
-                    model_files=sorted(node.model_files),
-                    requests_served=node.requests_served,
-                )
-            )
-        models = []
-        for model in self.config.models:
-            state, reason = self.model_state(model.name)
-            replicas = [_replica_view(r) for r in self.replicas.values() if r.model == model.name]
-            replicas += [_replica_view(r) for (m, _), r in self.failed_keys.items() if m == model.name]
-            for index in range(model.replicas):
-                if (model.name, index) not in self.replicas and (model.name, index) not in self.failed_keys:
-                    replicas.append(ReplicaView(replica_id=f"{model.name}#{index}", state=state if state != "ready" else "pending", reason=reason or self._unplaced_reason(model.name)))
-            models.append(
-                ModelView(
-                    name=model.name, path=model.path, context=model.context, state=state, reason=reason,
-                    replicas=replicas, estimate_source=self._estimate_source(model.name),
-                )
-            )
-        return ClusterView(nodes=nodes, models=models, generated_at=time.time())
+        return cluster_view(self)
 
-    def _estimate_source(self, model: str) -> str | None:
+    def estimate_source(self, model: str) -> str | None:
         if model in self.calibrations:
             return self.calibrations[model].source
         return "analytic (GGUF header)" if model in self.shapes else None
 
-    def _unplaced_reason(self, model: str) -> str | None:
+    def unplaced_reason(self, model: str) -> str | None:
         miss = self.unplaced.get(model)
         return "not placed: " + miss.summary if miss else None
-
-
-def _replica_view(r: ReplicaRecord) -> ReplicaView:
-    memory = r.info.get("memory") or {}
-    a = r.assignment
-    return ReplicaView(
-        replica_id=r.replica_id,
-        node=r.node_name,
-        state=r.state,
-        reason=r.reason,
-        gpu_index=a.gpu_index,
-        gpu_layers=a.gpu_layers,
-        total_layers=a.n_layers,
-        estimated_gpu_bytes=a.gpu_bytes,
-        estimated_ram_bytes=a.ram_bytes,
-        measured_gpu_bytes=memory.get("vram_bytes"),
-        measured_ram_bytes=memory.get("rss_bytes"),
-        load_seconds=r.info.get("load_seconds"),
-        decode_tokens_per_s=r.info.get("decode_tokens_per_s"),
-        in_flight=r.in_flight,
-        requests_served=r.served,
-    )
 
 
 def _shape_problem(model: ModelConfig, exc: Exception) -> str:

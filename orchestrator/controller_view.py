@@ -1,0 +1,75 @@
+"""The controller's state as the `/api/cluster` view (orchestrator/cluster_view.py)."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from orchestrator.cluster_view import ClusterView, ModelView, NodeView, ReplicaView
+
+if TYPE_CHECKING:
+    from orchestrator.controller import Controller, ReplicaRecord
+
+
+def cluster_view(controller: Controller) -> ClusterView:
+    nodes = []
+    for node in controller.nodes.values():
+        if node.hardware is None:
+            continue
+        nodes.append(
+            NodeView(
+                name=node.name or node.node_id,
+                address=node.address,
+                ray_node_id=node.node_id,
+                state="alive" if node.alive else "gone",
+                is_head=node.is_head,
+                hardware=node.hardware_with_measurements(),
+                reported_at=node.reported_at,
+                speed_factor=node.speed_factor,
+                model_files=sorted(node.model_files),
+                requests_served=node.requests_served,
+            )
+        )
+    models = []
+    for model in controller.config.models:
+        state, reason = controller.model_state(model.name)
+        replicas = [_replica_view(r) for r in controller.replicas.values() if r.model == model.name]
+        replicas += [_replica_view(r) for (m, _), r in controller.failed_keys.items() if m == model.name]
+        for index in range(model.replicas):
+            if (model.name, index) not in controller.replicas and (model.name, index) not in controller.failed_keys:
+                replicas.append(
+                    ReplicaView(
+                        replica_id=f"{model.name}#{index}",
+                        state=state if state != "ready" else "pending",
+                        reason=reason or controller.unplaced_reason(model.name),
+                    )
+                )
+        models.append(
+            ModelView(
+                name=model.name, path=model.path, context=model.context, state=state, reason=reason,
+                replicas=replicas, estimate_source=controller.estimate_source(model.name),
+            )
+        )
+    return ClusterView(nodes=nodes, models=models, generated_at=time.time())
+
+
+def _replica_view(r: ReplicaRecord) -> ReplicaView:
+    memory = r.info.get("memory") or {}
+    a = r.assignment
+    return ReplicaView(
+        replica_id=r.replica_id,
+        node=r.node_name,
+        state=r.state,
+        reason=r.reason,
+        gpu_index=a.gpu_index,
+        gpu_layers=a.gpu_layers,
+        total_layers=a.n_layers,
+        estimated_gpu_bytes=a.gpu_bytes,
+        estimated_ram_bytes=a.ram_bytes,
+        measured_gpu_bytes=memory.get("vram_bytes"),
+        measured_ram_bytes=memory.get("rss_bytes"),
+        load_seconds=r.info.get("load_seconds"),
+        decode_tokens_per_s=r.info.get("decode_tokens_per_s"),
+        in_flight=r.in_flight,
+        requests_served=r.served,
+    )
