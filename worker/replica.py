@@ -17,12 +17,12 @@ from typing import Iterator
 
 import ray
 
+from orchestrator.core.estimate import GC_EVERY_REQUESTS  # the estimate allows for what this leaves
 from worker.engine import Engine, EngineSettings
 from worker.errors import RequestError
 
 SSE_DONE = b"data: [DONE]\n\n"
 FLUSH_INTERVAL_S = 0.05
-GC_EVERY_REQUESTS = 4  # the estimate allows for 8 uncollected sampler buffers
 
 
 def sse(payload: dict) -> bytes:

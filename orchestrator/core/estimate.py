@@ -43,10 +43,11 @@ CTX_PAD = 256
 PROCESS_BASE_BYTES = 52 * MIB
 # llama.cpp's vocabulary per token: text, score, attributes, lookup maps (measured 171 B).
 VOCAB_BYTES_PER_TOKEN = 180
-# llama-cpp-python's sampling allocates n_vocab x 12 B arrays per completion that only the
-# cyclic garbage collector frees: RSS saw-tooths by ~3 MiB per completion for a 262k vocab.
-# Allow ~8 of them alive (a sample() loop kept up to 40 between collections; completions fewer).
-SAMPLER_BYTES_PER_TOKEN = 8 * 12
+# llama-cpp-python's sampling allocates n_vocab x 12 B arrays per completion that only a full
+# garbage collection frees (~3 MiB per completion for a 262k vocab). The replica collects
+# after every GC_EVERY_REQUESTS requests, so at most that many plus the running one are alive.
+GC_EVERY_REQUESTS = 4
+SAMPLER_BYTES_PER_TOKEN = (GC_EVERY_REQUESTS + 1) * 12
 # CUDA context, cuBLAS handle and workspace, llama.cpp's CUDA memory pool, per GPU used.
 CUDA_OVERHEAD_BYTES = 384 * MIB
 # Host memory the CUDA runtime and driver take in a process that uses a GPU.
