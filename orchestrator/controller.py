@@ -404,10 +404,6 @@ class Controller:
             return "pending", "not placed: " + self.unplaced[name].summary
         return "pending", "waiting for node reports" if self.ticks < 2 else "waiting"
 
-    def node_name(self, node_id: str) -> str:
-        node = self.nodes.get(node_id)
-        return (node.name if node and node.name else node_id)
-
     def view(self) -> ClusterView:
         return cluster_view(self)
 

@@ -82,14 +82,6 @@ def _named(name: str) -> ChatFormatter:
     return ChatFormatter(name, fmt)
 
 
-def known_format(name: str) -> bool:
-    try:
-        _named(name)
-        return True
-    except ValueError:
-        return False
-
-
 def choose_formatter(llama, configured: str | None) -> ChatFormatter:
     template = llama.metadata.get("tokenizer.chat_template")
     if template:
