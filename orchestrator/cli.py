@@ -7,7 +7,7 @@ import importlib
 import sys
 
 # Subcommand modules; each exposes register(subparsers) and sets func=run(args) -> int.
-COMMANDS = ("up", "join", "status", "chat", "plan", "fit")
+COMMANDS = ("up", "join", "status", "chat", "plan", "fit", "pull", "models")
 
 
 def build_parser() -> argparse.ArgumentParser:

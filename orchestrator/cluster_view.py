@@ -11,9 +11,10 @@ from typing import Literal
 from pydantic import BaseModel, Field, computed_field
 
 from orchestrator.core.hardware import NodeHardware
+from orchestrator.core.store_types import StoreReport, TransferProgress
 
 NodeState = Literal["alive", "gone"]
-ReplicaState = Literal["pending", "loading", "ready", "failed", "stopped"]
+ReplicaState = Literal["pending", "copying", "downloading", "loading", "ready", "failed", "stopped"]
 
 
 class NodeView(BaseModel):
@@ -25,6 +26,8 @@ class NodeView(BaseModel):
     hardware: NodeHardware = Field(..., description="Hardware and live use, as last reported.")
     reported_at: float | None = Field(None, description="Unix time of the last agent report.")
     model_files: list[str] = Field(default_factory=list, description="Configured models whose file this node holds.")
+    store: StoreReport | None = Field(None, description="The node's model store: files, their sha256, free disk.")
+    transfers: list[TransferProgress] = Field(default_factory=list, description="Files coming into its store.")
     requests_served: int = 0
     speed_factor: float | None = Field(
         None, description="Measured / predicted decode speed on this node (from its replicas' requests)."
@@ -47,6 +50,7 @@ class ReplicaView(BaseModel):
     decode_tokens_per_s: float | None = Field(None, description="Measured on recent requests.")
     in_flight: int = 0
     requests_served: int = 0
+    transfer: TransferProgress | None = Field(None, description="Its file coming to the node (copying/downloading).")
 
     @computed_field  # the closed loop: how far the estimate was from what the replica really uses
     @property
@@ -61,7 +65,7 @@ class ReplicaView(BaseModel):
     @property
     def processor(self) -> str:
         """GPU/CPU split the way `ollama ps` prints it."""
-        if self.total_layers <= 0 or self.state not in ("ready", "loading"):
+        if self.total_layers <= 0 or self.state not in ("ready", "loading", "copying", "downloading"):
             return "-"
         if self.gpu_layers <= 0:
             return "100% CPU"
@@ -71,9 +75,18 @@ class ReplicaView(BaseModel):
         return f"{100 - gpu_pct}%/{gpu_pct}% CPU/GPU"
 
 
+class ModelFileView(BaseModel):
+    name: str | None = Field(None, description="The file's name in a node's store.")
+    sha256: str | None = Field(None, description="Expected: the pin, the URL's published hash, or the user's file's.")
+    size_bytes: int | None = None
+    holders: list[str] = Field(default_factory=list, description="Nodes holding a file they can load.")
+    url: str | None = None
+
+
 class ModelView(BaseModel):
     name: str
     path: str | None = None
+    file: ModelFileView | None = None
     context: int
     state: ReplicaState = Field(..., description="ready if any replica is ready, else the most telling state.")
     reason: str | None = None

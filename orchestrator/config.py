@@ -13,6 +13,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from orchestrator.core.model_source import SourceError, normalize_sha256, parse_url, store_name_for
+
 MODEL_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:\-]*$")
 KvType = Literal["f16", "q8_0", "q4_0"]
 
@@ -42,7 +44,12 @@ class ClusterConfig(_Strict):
         None, description="Address Ray binds to on the head; the LAN address for a multi-machine cluster."
     )
     node_name: str | None = Field(None, description="Name of the head's own worker node (hostname by default).")
-    models_dir: str | None = Field(None, description="Directory where this node keeps GGUF files.")
+    models_dir: str | None = Field(
+        None, description="Directory where this node keeps GGUF files (default ~/.local/share/homefleet/models)."
+    )
+    store_port: int = Field(
+        0, ge=0, le=65535, description="Port where this node serves its model files to peers (0: any free port)."
+    )
     report_interval_s: float = Field(2.0, gt=0, description="How often node agents report live use.")
     wait_for_nodes: list[str] = Field(
         default_factory=list,
@@ -50,11 +57,26 @@ class ClusterConfig(_Strict):
         "for them rather than on whichever joined first (running replicas are not moved later).",
     )
     wait_for_nodes_s: float = Field(120.0, ge=0, description="How long to wait for them before placing anyway.")
+    keep_free_disk_gib: float = Field(
+        2.0, ge=0, description="Disk a model copy must leave free on a node's store; a node without that room is skipped."
+    )
+    copy_rate_limit_mib_s: float | None = Field(
+        None, gt=0, description="Cap on each node-to-node copy or download, in MiB/s (None: as fast as the network)."
+    )
+    copy_attempts: int = Field(
+        3, ge=1, le=20, description="Fetches of a file whose SHA-256 does not match before the model is failed."
+    )
 
 
 class ModelConfig(_Strict):
     name: str = Field(..., description="What clients send as `model`.")
-    path: str | None = Field(None, description="GGUF file on the nodes (absolute, or relative to models_dir).")
+    path: str | None = Field(
+        None, description="GGUF file (absolute, or relative to each node's models dir); copied to the node placement picks."
+    )
+    url: str | None = Field(
+        None, description="Where to download the file when no node holds it: http(s) or hf://OWNER/REPO/FILE.gguf[@REV]."
+    )
+    sha256: str | None = Field(None, description="Pin the file's SHA-256; a copy that does not match is never used.")
     catalog: str | None = Field(None, description="Catalog entry to plan with before the file exists.")
     context: int = Field(4096, ge=64, le=1_048_576, description="Context length (n_ctx) in tokens.")
     replicas: int = Field(1, ge=0, le=64, description="How many copies to run.")
@@ -74,10 +96,39 @@ class ModelConfig(_Strict):
             raise ValueError("must be letters, digits, '.', '_', ':' or '-' (no spaces or slashes)")
         return value
 
+    @field_validator("url")
+    @classmethod
+    def _url_is_fetchable(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                parse_url(value)
+            except SourceError as exc:
+                raise ValueError(str(exc)) from None
+        return value
+
+    @field_validator("sha256")
+    @classmethod
+    def _sha256_is_hex(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            return normalize_sha256(value)
+        except SourceError as exc:
+            raise ValueError(str(exc)) from None
+
+    @property
+    def file_name(self) -> str | None:
+        """The file's name in a node's store: the base name of `path`, else of the URL."""
+        if self.path:
+            return store_name_for(Path(self.path).name)
+        if self.url:
+            return parse_url(self.url).file_name
+        return None
+
     @model_validator(mode="after")
     def _has_a_source(self) -> "ModelConfig":
-        if not self.path and not self.catalog:
-            raise ValueError("needs `path` (a GGUF file) or `catalog` (a catalog name for planning)")
+        if not self.path and not self.catalog and not self.url:
+            raise ValueError("needs `path` (a GGUF file), `url` (where to download it) or `catalog` (for planning)")
         if self.kv_type != "f16" and not self.flash_attn:
             raise ValueError(f"kv_type {self.kv_type} needs flash_attn: true")
         return self

@@ -11,12 +11,13 @@ import asyncio
 import logging
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass, field, replace
 
 from orchestrator.cluster_view import ClusterView
 from orchestrator.config import HomefleetConfig, ModelConfig
 from orchestrator.controller_view import cluster_view
-from orchestrator.core.hardware import NodeHardware
+from orchestrator.core.hardware import GIB, NodeHardware, format_bytes
 from orchestrator.core.memory import scaled_need
 from orchestrator.core.placement import (
     Assignment,
@@ -26,7 +27,9 @@ from orchestrator.core.placement import (
     place,
     snapshot_from_hardware,
 )
+from orchestrator.core.store_types import StoreReport, TransferProgress
 from orchestrator.demand import demands_for
+from orchestrator.file_keeper import FileKeeper
 from orchestrator.ray_actors import RayCluster
 
 log = logging.getLogger(__name__)
@@ -42,7 +45,10 @@ class NodeRecord:
     agent: object = None
     hardware: NodeHardware | None = None
     reported_at: float | None = None
-    model_files: dict[str, str] = field(default_factory=dict)  # model -> path on that node
+    model_files: dict[str, str] = field(default_factory=dict)  # model -> its configured path, resolved there
+    store: StoreReport | None = None
+    store_key: str | None = None  # bearer key of the node's file server (handed only to copying peers)
+    transfers: dict[str, TransferProgress] = field(default_factory=dict)
     requests_served: int = 0
     speed_factor: float | None = None  # measured / predicted decode speed
     measured_ram_bandwidth_gbps: float | None = None  # effective, from a CPU-only replica
@@ -61,15 +67,21 @@ class ReplicaRecord:
     node_name: str
     assignment: Assignment
     handle: object
-    state: str = "loading"
+    state: str = "loading"  # copying / downloading (its file), loading, ready
     reason: str | None = None
     info: dict = field(default_factory=dict)
     in_flight: int = 0
     served: int = 0
+    transfer: TransferProgress | None = None  # while its file comes to the node
+    transfer_started_at: float | None = None
 
     @property
     def replica_id(self) -> str:
         return f"{self.model}#{self.index}"
+
+    @property
+    def fetching(self) -> bool:
+        return self.state in ("copying", "downloading")
 
 
 class Controller:
@@ -91,6 +103,8 @@ class Controller:
         self._task: asyncio.Task | None = None
         self._loads: set[asyncio.Task] = set()
         self.ticks = 0
+        self.files = FileKeeper(config, cluster, self.nodes)
+        self.copy_waits: dict[str, str] = {}  # model -> why its copy cannot start yet
 
     @property
     def models(self) -> dict[str, ModelConfig]:
@@ -115,6 +129,8 @@ class Controller:
             self._task.cancel()
         for task in list(self._loads):
             task.cancel()
+        for record in list(self.replicas.values()):
+            await self._cancel_transfer(record)
         for record in list(self.replicas.values()) + list(self.failed_keys.values()):
             await self._kill(record.handle)
         for node in self.nodes.values():
@@ -128,7 +144,10 @@ class Controller:
     async def tick(self) -> None:
         await self._refresh_nodes()
         await self._poll_agents()
+        self.files.refresh(self._copies_served_by_node())
+        self.files.resolve_urls(self._spawn)
         await self._load_shapes()
+        self._follow_transfers()
         self._reconcile()
         await self._poll_replicas()
         self.ticks += 1
@@ -170,6 +189,9 @@ class Controller:
             node.hardware = NodeHardware.model_validate(report["hardware"])
             node.model_files = report["model_files"]
             node.reported_at = report["reported_at"]
+            node.store = StoreReport.model_validate(report["store"]) if report.get("store") else None
+            node.store_key = report.get("store_key")
+            node.transfers = {t["transfer_id"]: TransferProgress.model_validate(t) for t in report.get("transfers", ())}
 
     async def _poll_replicas(self) -> None:
         """Measured memory of each ready replica, so the ledger and the views trust real figures."""
@@ -213,36 +235,55 @@ class Controller:
             node.measured_ram_bandwidth_gbps = calibrated.ram_bandwidth_gbps
 
     async def _load_shapes(self) -> None:
-        """Read each model's GGUF header once, on a node that holds the file (here if it is here)."""
+        """Read each model's GGUF header once: on a node that holds the file (here if it is
+        here), else the first megabytes of its URL."""
         reported = [n for n in self.nodes.values() if n.alive and n.hardware is not None]
         for model in self.config.models:
             if model.name in self.shapes or not reported:
                 continue
-            if not model.path:
+            if not model.path and not model.url:
                 self.model_problems[model.name] = (
-                    f"no `path`: the catalog entry {model.catalog!r} is for `homefleet plan` and `fit` only"
+                    f"no `path` or `url`: the catalog entry {model.catalog!r} is for `homefleet plan` and `fit` only"
                 )
                 continue
-            holder = next((n for n in reported if model.name in n.model_files), None)
+            holders = self.files.holders(model.name)
+            holder = next((n for n in reported if n.name in holders), None)
             if holder is None:
-                self.model_problems[model.name] = f"file not found on any node: {model.path}"
+                missing = self.files.missing_reason(model)
+                if missing is not None:
+                    self.model_problems[model.name] = missing
+                elif self.files.url_usable(model):
+                    await self._load_shape_from_url(model)
                 continue
+            path = holders[holder.name].path
             try:
-                if os.path.isfile(model.path):
+                if os.path.isfile(path):
                     from orchestrator.core.model_shape import shape_from_gguf
 
-                    shape = await asyncio.to_thread(shape_from_gguf, model.path)
+                    shape = await asyncio.to_thread(shape_from_gguf, path)
                 else:
-                    shape = await self.cluster.read_shape(holder.agent, model.path)
+                    shape = await self.cluster.read_shape(holder.agent, path)
             except Exception as exc:
                 self.model_problems[model.name] = _shape_problem(model, exc)
                 continue
             self.shapes[model.name] = shape
             self.model_problems.pop(model.name, None)
             self._calibrations_pending.add(model.name)
-            self._spawn(self._calibrate(model, shape, holder))
+            self._spawn(self._calibrate(model, shape, holder, path))
 
-    async def _calibrate(self, model: ModelConfig, shape, holder: NodeRecord) -> None:
+    async def _load_shape_from_url(self, model: ModelConfig) -> None:
+        """No node holds the file yet: size it from its header, read over HTTP (a few MiB)."""
+        from orchestrator.core.model_shape import shape_from_header
+        from worker.sources import read_remote_gguf_header
+
+        try:
+            header = await asyncio.to_thread(read_remote_gguf_header, self.files.resolved[model.name])
+            self.shapes[model.name] = shape_from_header(header, model.name)
+            self.model_problems.pop(model.name, None)
+        except Exception as exc:
+            self.model_problems[model.name] = f"cannot read the GGUF header at {model.url}: {exc}"
+
+    async def _calibrate(self, model: ModelConfig, shape, holder: NodeRecord, path: str) -> None:
         """Ask llama.cpp itself (a dry run on a node with the file) how far off the analytic estimate is."""
         from orchestrator.calibration import calibration_from_dry_run
         from orchestrator.core.estimate import EstimateOptions
@@ -251,7 +292,7 @@ class Controller:
         gpu_layers = shape.n_layers + 1 if real_gpu else 0
         opts = EstimateOptions(n_ctx=model.context, kv_type=model.kv_type, flash_attn=model.flash_attn)
         try:
-            result = await self.cluster.dry_run(holder.agent, model.path, model.context, gpu_layers,
+            result = await self.cluster.dry_run(holder.agent, path, model.context, gpu_layers,
                                                 model.kv_type, model.flash_attn)
             calibration = calibration_from_dry_run(shape, opts, gpu_layers, result, holder.name or "?", real_gpu)
         except Exception as exc:
@@ -267,7 +308,9 @@ class Controller:
         out = []
         for node in self.nodes.values():
             if node.alive and node.hardware is not None and node.name:
-                out.append(snapshot_from_hardware(node.hardware, set(node.model_files)))
+                held = {model for model in self.files.files if node.name in self.files.holders(model)}
+                disk_free = node.store.disk_free_bytes if node.store is not None else None
+                out.append(snapshot_from_hardware(node.hardware, held, disk_free))
         return out
 
     def _reservations(self) -> dict[str, Reservation]:
@@ -277,7 +320,7 @@ class Controller:
         for replica in self.replicas.values():
             node = self.nodes.get(replica.node_id)
             a = replica.assignment
-            loading = replica.state == "loading"
+            loading = replica.state in ("loading", "copying", "downloading")
             declared_gpu = node is not None and node.hardware is not None and node.hardware.source == "file"
             if a.gpu_index is not None and (loading or declared_gpu):
                 measured = (replica.info.get("memory") or {}).get("vram_bytes")
@@ -301,6 +344,11 @@ class Controller:
             calibration = self.calibrations.get(model.name)
             if calibration is not None:
                 demands = [replace(d, need=scaled_need(d.need, calibration.factor)) for d in demands]
+            file_bytes = self.files.size_bytes(model.name)
+            if not file_bytes:
+                return demands  # size known soon (a holder's report, or the URL): not cached until then
+            keep_free = int(self.config.cluster.keep_free_disk_gib * GIB)
+            demands = [replace(d, file_bytes=file_bytes, keep_free_disk_bytes=keep_free) for d in demands]
             self._demand_cache[model.name] = demands
         return self._demand_cache[model.name]
 
@@ -326,16 +374,97 @@ class Controller:
         for miss in result.unplaced:
             self.unplaced.setdefault(miss.model, miss)
         by_name = {n.name: n for n in self.nodes.values() if n.alive}
+        self.copy_waits = {}
         for assignment in result.assignments:
             key = (assignment.model, assignment.replica)
             if key in self.replicas or assignment.node not in by_name:
                 continue
-            self._start_replica(self.models[assignment.model], assignment, by_name[assignment.node])
+            model, node = self.models[assignment.model], by_name[assignment.node]
+            held = self.files.holders(model.name).get(node.name)
+            if held is not None:
+                self._start_replica(model, assignment, node, held.path)
+            else:
+                self._start_copy(model, assignment, node)
 
-    def _start_replica(self, model: ModelConfig, assignment: Assignment, node: NodeRecord) -> None:
+    # ---- files that travel to the chosen node -------------------------------------------
+    def _start_copy(self, model: ModelConfig, assignment: Assignment, node: NodeRecord) -> None:
+        spec = self.files.transfer_spec(model, node.name)
+        if isinstance(spec, str):
+            self.copy_waits[model.name] = spec  # e.g. the source is still hashing: next tick
+            return
+        kind = spec.sources[0].kind
+        record = ReplicaRecord(
+            model=model.name, index=assignment.replica, node_id=node.node_id, node_name=node.name or node.node_id,
+            assignment=assignment, handle=None, state="copying" if kind == "copy" else "downloading",
+            transfer=TransferProgress(transfer_id=spec.transfer_id, name=spec.name, state="queued", kind=kind,
+                                      source=spec.sources[0].label, total_bytes=spec.size_bytes),
+            transfer_started_at=time.monotonic(),
+        )
+        self.replicas[(model.name, assignment.replica)] = record
+        log.info("%s: %s %s to %s from %s", record.replica_id, "copying" if kind == "copy" else "downloading",
+                 spec.name, record.node_name, ", ".join(s.label for s in spec.sources))
+        self._spawn(self._begin_transfer(record, node, spec))
+
+    async def _begin_transfer(self, record: ReplicaRecord, node: NodeRecord, spec) -> None:
+        try:
+            progress = await self.cluster.start_transfer(node.agent, spec.as_dict())
+        except Exception as exc:
+            progress = {"transfer_id": spec.transfer_id, "name": spec.name, "state": "failed",
+                        "error": f"the agent on {record.node_name} did not start the copy: {type(exc).__name__}"}
+        if self.replicas.get((record.model, record.index)) is record:
+            self._apply_transfer(record, TransferProgress.model_validate(progress))
+
+    def _follow_transfers(self) -> None:
+        """Copies in flight: progress from the target's report; when done, load the replica."""
+        for record in [r for r in self.replicas.values() if r.fetching]:
+            node = self.nodes.get(record.node_id)
+            progress = node.transfers.get(record.transfer.transfer_id) if node is not None else None
+            if progress is not None:
+                self._apply_transfer(record, progress)
+            elif time.monotonic() - (record.transfer_started_at or 0) > TRANSFER_LOST_S:
+                log.warning("%s: the copy to %s was lost (agent restarted?); placing again", record.replica_id,
+                            record.node_name)
+                self.replicas.pop((record.model, record.index), None)
+
+    def _apply_transfer(self, record: ReplicaRecord, progress: TransferProgress) -> None:
+        record.transfer = progress
+        key = (record.model, record.index)
+        if progress.state == "done":
+            node = self.nodes.get(record.node_id)
+            if node is None or not node.alive:
+                return
+            log.info("%s: %s is on %s (sha256 %s...)", record.replica_id, progress.name, record.node_name,
+                     (progress.sha256 or "")[:12])
+            self.replicas.pop(key, None)
+            self._start_replica(self.models[record.model], record.assignment, node, progress.path, transfer=progress)
+        elif progress.state == "failed":
+            record.state = "failed"
+            record.reason = f"copying {progress.name} to {record.node_name} failed: {progress.error}"
+            log.warning("%s: %s", record.replica_id, record.reason)
+            self.replicas.pop(key, None)
+            self.failed_keys[key] = record
+        elif progress.state == "cancelled":
+            self.replicas.pop(key, None)
+        else:
+            record.state = "copying" if progress.kind == "copy" else "downloading"
+
+    def _copies_served_by_node(self) -> Counter:
+        """How many copies each node is the source of now (copies prefer the least busy)."""
+        return Counter(r.transfer.source for r in self.replicas.values() if r.fetching and r.transfer)
+
+    async def _cancel_transfer(self, record: ReplicaRecord) -> None:
+        node = self.nodes.get(record.node_id)
+        if record.fetching and record.transfer and node is not None and node.alive and node.agent is not None:
+            try:
+                await self.cluster.cancel_transfer(node.agent, record.transfer.transfer_id)
+            except Exception:
+                pass  # the node is going away: its transfer goes with it
+
+    def _start_replica(self, model: ModelConfig, assignment: Assignment, node: NodeRecord, path: str,
+                       transfer: TransferProgress | None = None) -> None:
         settings = {
             "model_name": model.name,
-            "path": node.model_files.get(model.name, model.path),
+            "path": path,
             "n_ctx": model.context,
             "n_gpu_layers": assignment.gpu_layers,
             "n_threads": model.n_threads,
@@ -351,6 +480,7 @@ class Controller:
             node_name=node.name or node.node_id,
             assignment=assignment,
             handle=None,
+            transfer=transfer,
         )
         record.handle = self.cluster.start_replica(node.node_id, record.replica_id, settings)
         self.replicas[(model.name, assignment.replica)] = record
@@ -394,6 +524,9 @@ class Controller:
             return "ready", None
         if any(r.state == "loading" for r in replicas):
             return "loading", None
+        fetching = [r for r in replicas if r.fetching]
+        if fetching:
+            return fetching[0].state, transfer_text(fetching[0])
         if failed:
             return "failed", failed[0].reason
         if self.waiting_for:
@@ -402,7 +535,15 @@ class Controller:
             return "failed", self.model_problems[name]
         if name in self.unplaced:
             return "pending", "not placed: " + self.unplaced[name].summary
+        if name in self.copy_waits:
+            return "pending", self.copy_waits[name]
         return "pending", "waiting for node reports" if self.ticks < 2 else "waiting"
+
+    def retry_after_s(self, name: str) -> int | None:
+        """For a 503 while a model's file travels: about when the copy ends (1-60 s)."""
+        etas = [r.transfer.eta_s for r in self.replicas.values()
+                if r.model == name and r.fetching and r.transfer and r.transfer.eta_s is not None]
+        return max(1, min(60, int(min(etas)) + 1)) if etas else None
 
     def view(self) -> ClusterView:
         return cluster_view(self)
@@ -415,6 +556,26 @@ class Controller:
     def unplaced_reason(self, model: str) -> str | None:
         miss = self.unplaced.get(model)
         return "not placed: " + miss.summary if miss else None
+
+
+TRANSFER_LOST_S = 60.0  # a copy its node no longer reports (its agent restarted) is placed again
+
+
+def transfer_text(record: ReplicaRecord) -> str:
+    """'to laptop-1 from desktop: 45% of 1.2 GiB at 112 MiB/s, about 6 s left'."""
+    t = record.transfer
+    if t is None:
+        return f"to {record.node_name}"
+    text = f"to {record.node_name} from {t.source}"
+    if t.state == "verifying":
+        return text + ": verifying sha256"
+    if t.percent is not None:
+        text += f": {t.percent:.0f}% of {format_bytes(t.total_bytes)}"
+    if t.rate_bytes_per_s:
+        text += f" at {format_bytes(t.rate_bytes_per_s)}/s"
+    if t.eta_s is not None:
+        text += f", about {t.eta_s:.0f} s left"
+    return text
 
 
 def _shape_problem(model: ModelConfig, exc: Exception) -> str:

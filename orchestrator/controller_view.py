@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from orchestrator.cluster_view import ClusterView, ModelView, NodeView, ReplicaView
+from orchestrator.cluster_view import ClusterView, ModelFileView, ModelView, NodeView, ReplicaView
 
 if TYPE_CHECKING:
     from orchestrator.controller import Controller, ReplicaRecord
@@ -26,8 +26,10 @@ def cluster_view(controller: Controller) -> ClusterView:
                 hardware=node.hardware_with_measurements(),
                 reported_at=node.reported_at,
                 speed_factor=node.speed_factor,
-                model_files=sorted(node.model_files),
+                model_files=sorted(m for m in controller.files.files if node.name in controller.files.holders(m)),
                 requests_served=node.requests_served,
+                store=node.store,
+                transfers=list(node.transfers.values()),
             )
         )
     models = []
@@ -44,9 +46,18 @@ def cluster_view(controller: Controller) -> ClusterView:
                         reason=reason or controller.unplaced_reason(model.name),
                     )
                 )
+        files = controller.files.files.get(model.name)
+        file_view = None
+        if model.path or model.url:
+            file_view = ModelFileView(
+                name=model.file_name, url=model.url,
+                sha256=files.expected_sha256 if files else model.sha256,
+                size_bytes=files.size_bytes if files else None,
+                holders=sorted(files.holders) if files else [],
+            )
         models.append(
             ModelView(
-                name=model.name, path=model.path, context=model.context, state=state, reason=reason,
+                name=model.name, path=model.path, file=file_view, context=model.context, state=state, reason=reason,
                 replicas=replicas, estimate_source=controller.estimate_source(model.name),
             )
         )
@@ -72,4 +83,5 @@ def _replica_view(r: ReplicaRecord) -> ReplicaView:
         decode_tokens_per_s=r.info.get("decode_tokens_per_s"),
         in_flight=r.in_flight,
         requests_served=r.served,
+        transfer=r.transfer,
     )

@@ -18,6 +18,7 @@ from orchestrator.core.hardware import MIB
 from orchestrator.core.memory import NeedFunction
 from orchestrator.core.model_shape import ModelShape, shape_from_gguf
 from orchestrator.core.placement import ModelDemand
+from worker.paths import resolve_path
 
 ShapeLoader = Callable[[ModelConfig], ModelShape]
 # (shape, model) -> (offloadable layers: blocks + output layer, need(k) for k in 0..layers)
@@ -100,9 +101,3 @@ def resolve_model_path(model: ModelConfig, models_dir: str | Path | None = None)
     return resolve_path(model.path, models_dir) if model.path else None
 
 
-def resolve_path(path: str, models_dir: str | Path | None = None) -> Path:
-    """A config `path` on a node: absolute as given, else relative to the node's models dir."""
-    resolved = Path(path).expanduser()
-    if not resolved.is_absolute() and models_dir is not None:
-        resolved = Path(models_dir).expanduser() / resolved
-    return resolved

@@ -61,6 +61,18 @@ class RayCluster:
         ref = agent.dry_run.remote(path, n_ctx, n_gpu_layers, kv_type, flash_attn)
         return await asyncio.wait_for(_awaitable(ref), 300)
 
+    async def start_transfer(self, agent, spec: dict) -> dict:
+        return await asyncio.wait_for(_awaitable(agent.start_transfer.remote(spec)), 30)
+
+    async def transfer(self, agent, transfer_id: str) -> dict | None:
+        return await asyncio.wait_for(_awaitable(agent.transfer.remote(transfer_id)), 10)
+
+    async def cancel_transfer(self, agent, transfer_id: str) -> bool:
+        return await asyncio.wait_for(_awaitable(agent.cancel_transfer.remote(transfer_id)), 10)
+
+    async def remove_copy(self, agent, name: str) -> dict:
+        return await asyncio.wait_for(_awaitable(agent.remove_copy.remote(name)), 30)
+
     def start_replica(self, node_id: str, replica_id: str, settings: dict):
         return self._replica_cls.options(
             scheduling_strategy=self._on(node_id), name=None

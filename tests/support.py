@@ -169,3 +169,32 @@ def ray_address_of(running: RunningUp) -> str:
                 return line.split("homefleet join ", 1)[1].split()[0]
         time.sleep(0.2)
     raise TimeoutError(running.log())
+
+
+GIB = 1024**3
+
+
+def declared_machine(tmp_path: Path, name: str, seed: str, vram_free: float, ram_available: float, **extra) -> str:
+    """A seed machine's hardware file with its live use declared (scaled to this test box);
+    `extra` sets other fields (e.g. disk_free_bytes). Returns the file's path."""
+    hardware = yaml.safe_load(open(seed))
+    hardware["name"] = name
+    hardware["ram_available_bytes"] = int(ram_available)
+    if hardware.get("gpus"):
+        hardware["gpus"][0]["vram_free_bytes"] = int(vram_free)
+    hardware.update(extra)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(hardware))
+    return str(path)
+
+
+def replica_of(view: dict, model: str) -> dict:
+    return next(m for m in view["models"] if m["name"] == model)["replicas"][0]
+
+
+def model_of(view: dict, model: str) -> dict:
+    return next(m for m in view["models"] if m["name"] == model)
+
+
+def node_of(view: dict, name: str) -> dict:
+    return next(n for n in view["nodes"] if n["name"] == name)

@@ -14,6 +14,7 @@ class RequestError(Exception):
         type: str = "invalid_request_error",
         param: str | None = None,
         code: str | None = None,
+        retry_after_s: int | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -21,6 +22,7 @@ class RequestError(Exception):
         self.type = type
         self.param = param
         self.code = code
+        self.retry_after_s = retry_after_s  # for a 503: when to try again (default: a couple of seconds)
 
     def as_dict(self) -> dict:
         return {"message": self.message, "status": self.status, "type": self.type, "param": self.param, "code": self.code}

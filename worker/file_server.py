@@ -127,5 +127,8 @@ class FileServer(ThreadingHTTPServer):
         return self
 
     def stop(self) -> None:
-        self.shutdown()
+        if self._thread is not None:  # shutdown() waits for serve_forever(): without one it would hang
+            self.shutdown()
+            self._thread.join(timeout=10)
+            self._thread = None
         self.server_close()

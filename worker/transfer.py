@@ -34,6 +34,7 @@ from worker.store import ModelStore, StoreError
 log = logging.getLogger(__name__)
 
 BUFFER_BYTES = 4 << 20
+READ_BYTES = 1 << 20  # at most this much per read of the response
 PROGRESS_EVERY_S = 0.25
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 MAX_REDIRECTS = 5
@@ -100,7 +101,7 @@ class Transfer:
         self.read_timeout_s = read_timeout_s
         self.on_progress = on_progress
         self._cancel = threading.Event()
-        self._progress = TransferProgress(transfer_id=spec.transfer_id, name=spec.name, state="queued",
+        self._progress = TransferProgress(transfer_id=spec.transfer_id, name=spec.name, state="queued", source=spec.sources[0].label,
                                           total_bytes=spec.size_bytes, kind=spec.sources[0].kind)
         self._rate_window: tuple[float, int] = (time.monotonic(), 0)
         self._last_report = 0.0
@@ -142,7 +143,12 @@ class Transfer:
         for attempt in range(1, spec.max_attempts + 1):
             self._update(attempt=attempt, force=True)
             digest, offset = self._resume()
-            self._check_disk(offset)
+            try:
+                self._check_disk(offset)
+            except TransferFailed:
+                if offset == 0:
+                    self._discard_partial()  # nothing fetched yet: leave no identity file behind
+                raise
             fd = os.open(self.partial, os.O_WRONLY | os.O_CREAT, 0o644)
             try:
                 digest, offset = self._from_sources(fd, digest, offset)
@@ -157,6 +163,8 @@ class Transfer:
                 raise TransferFailed(f"cannot write {self.partial}: {exc.strerror or exc}") from None
             finally:
                 os.close(fd)
+            if self._cancel.is_set():
+                raise TransferCancelled
             self._update(state="verifying", force=True)
             got = digest.hexdigest()
             if spec.sha256 and got != spec.sha256:
@@ -245,6 +253,7 @@ class Transfer:
                 # The server ignored the Range: start over rather than append a second copy.
                 os.ftruncate(fd, 0)
                 digest, offset = hashlib.sha256(), 0
+                self._progress_state = (digest, offset)  # the next source, if this one fails, starts at 0 too
             elif response.status == 206:
                 start = _content_range_start(response.getheader("Content-Range"))
                 if start != offset:
@@ -261,22 +270,21 @@ class Transfer:
             self._update(total_bytes=total, bytes_done=offset, force=True)
             self._progress_state = (digest, offset)
             os.lseek(fd, offset, os.SEEK_SET)
-            buf = bytearray(BUFFER_BYTES)
-            view = memoryview(buf)
             started, start_offset = time.monotonic(), offset
             while total is None or offset < total:
                 if self._cancel.is_set():
                     raise TransferCancelled
                 try:
-                    n = response.readinto(buf)
+                    # read1: what has arrived, not a full buffer, so progress and cancel keep up on slow links
+                    chunk = response.read1(READ_BYTES)
                 except (OSError, http.client.HTTPException) as exc:
                     raise _SourceFailed(f"connection lost at {format_bytes(offset)}: {exc or type(exc).__name__}")
+                n = len(chunk)
                 if not n:
                     if total is None:
                         break
                     raise _SourceFailed(f"connection closed at {format_bytes(offset)} of {format_bytes(total)}")
-                chunk = view[:n]
-                _write_all(fd, chunk)
+                _write_all(fd, memoryview(chunk))
                 digest.update(chunk)
                 offset += n
                 self._progress_state = (digest, offset)
@@ -301,7 +309,8 @@ class Transfer:
             if response.status in (301, 302, 303, 307, 308) and response.getheader("Location"):
                 target = urljoin(url, response.getheader("Location"))
                 if urlsplit(target).netloc != parts.netloc:
-                    headers.pop("Authorization", None)  # a key for one host is not sent to another
+                    # A key for one host is not sent to another (header names are case-insensitive).
+                    headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
                 conn.close()
                 url = target
                 continue

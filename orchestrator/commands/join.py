@@ -24,7 +24,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("head_address", metavar="HEAD_ADDRESS", help="the head's Ray address, e.g. 192.168.1.10:6379")
     p.add_argument("--name", help="node name (default: hostname)")
     p.add_argument("--hardware", metavar="FILE", help="report this hardware file instead of probing")
-    p.add_argument("--models-dir", metavar="DIR", help="where this machine keeps GGUF files")
+    p.add_argument("--models-dir", metavar="DIR",
+                   help="where this machine keeps GGUF files (default: ~/.local/share/homefleet/models)")
+    p.add_argument("--store-port", type=int, default=0, metavar="PORT",
+                   help="port where this machine serves its model files to peers (default: any free port; "
+                   "fix it to open it in a firewall)")
     p.add_argument("--token", default=None, help="the cluster's Ray token (default: $RAY_AUTH_TOKEN)")
     p.add_argument("--node-ip-address", help="this machine's LAN address for Ray to bind to")
     p.set_defaults(func=run)
@@ -52,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     log_dir = LOG_DIR.expanduser()
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"ray-worker-{name}.log"
-    env = node_environment(name, hardware, args.models_dir)
+    env = node_environment(name, hardware, args.models_dir, args.store_port)
     worker = ray_cluster.join_cluster(args.head_address, token, env, name, args.node_ip_address, log_path=log_path)
     print(f"homefleet: node {name} joining {args.head_address} (log: {log_path}); Ctrl-C to leave", flush=True)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))

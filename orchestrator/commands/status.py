@@ -12,10 +12,9 @@ import httpx
 from pydantic import ValidationError
 
 from orchestrator.cluster_view import ClusterView
+from orchestrator.commands.gateway_client import DEFAULT_URL, GatewayError, call
 from orchestrator.status_report import render_status
 
-DEFAULT_URL = "http://127.0.0.1:8000"
-TIMEOUT_SECONDS = 10.0
 
 
 class StatusError(Exception):
@@ -66,30 +65,7 @@ def run(args: argparse.Namespace) -> int:
 
 def fetch_cluster(url: str, api_key: str | None, transport: httpx.BaseTransport | None = None) -> dict:
     """The JSON of {url}/api/cluster; StatusError with a readable message on any failure."""
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
-        with httpx.Client(timeout=TIMEOUT_SECONDS, transport=transport) as client:
-            response = client.get(f"{url}/api/cluster", headers=headers)
-    except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-        raise StatusError(f"no homefleet gateway at {url}: start one with `homefleet up`") from exc
-    except httpx.HTTPError as exc:
-        raise StatusError(f"the gateway at {url} did not answer: {exc}") from exc
-    if response.status_code in (401, 403):
-        raise StatusError(
-            f"the gateway at {url} refused the request (HTTP {response.status_code}): "
-            "pass --api-key or set HOMEFLEET_API_KEY"
-        )
-    if response.status_code != 200:
-        raise StatusError(f"the gateway at {url} answered HTTP {response.status_code}: {_error_message(response)}")
-    try:
-        return response.json()
-    except ValueError as exc:
-        raise StatusError(f"{url}/api/cluster did not answer with JSON: is this a homefleet gateway?") from exc
-
-
-def _error_message(response: httpx.Response) -> str:
-    """OpenAI-shaped {"error": {"message": ...}} when the gateway sent one, else the body's start."""
-    try:
-        return str(response.json()["error"]["message"])
-    except (ValueError, KeyError, TypeError):
-        return response.text[:200] or response.reason_phrase
+        return call(url, "GET", "/api/cluster", api_key, transport=transport)
+    except GatewayError as exc:
+        raise StatusError(str(exc)) from exc

@@ -82,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
         node_ip = config.cluster.node_ip_address or ray_cluster.lan_address()
         log_dir = LOG_DIR.expanduser()
         log_dir.mkdir(parents=True, exist_ok=True)
-        node_env = node_environment(config.cluster.node_name, hardware, config.cluster.models_dir)
+        node_env = node_environment(config.cluster.node_name, hardware, config.cluster.models_dir,
+                                    config.cluster.store_port)
         print(f"homefleet: starting Ray head on {node_ip}:{config.cluster.ray_port} ...", flush=True)
         try:
             head = ray_cluster.start_head(

@@ -27,6 +27,10 @@ class GGUFError(ValueError):
     """The file is not a GGUF file, or its header is truncated or malformed."""
 
 
+class GGUFTruncated(GGUFError):
+    """The header runs past the bytes at hand (a truncated file, or a prefix too short)."""
+
+
 @dataclass(frozen=True)
 class GGMLType:
     """One ggml tensor type: `block_size` elements take `type_size` bytes."""
@@ -189,7 +193,7 @@ class _Cursor:
 
     def unpack(self, code: str, nbytes: int) -> Any:
         if self.pos + nbytes > self.size:
-            raise GGUFError(f"truncated GGUF header at byte {self.pos}")
+            raise GGUFTruncated(f"truncated GGUF header at byte {self.pos}")
         (value,) = struct.unpack_from(self.endian + code, self.buf, self.pos)
         self.pos += nbytes
         return value
@@ -203,7 +207,7 @@ class _Cursor:
     def string(self) -> str:
         n = self.u64()
         if self.pos + n > self.size:
-            raise GGUFError(f"truncated GGUF string at byte {self.pos}")
+            raise GGUFTruncated(f"truncated GGUF string at byte {self.pos}")
         raw = bytes(self.buf[self.pos : self.pos + n])
         self.pos += n
         return raw.decode("utf-8", errors="replace")
@@ -213,7 +217,7 @@ class _Cursor:
         for _ in range(count):
             pos += 8 + unpack_from(fmt, buf, pos)[0]
         if pos > self.size:
-            raise GGUFError("truncated GGUF string array")
+            raise GGUFTruncated("truncated GGUF string array")
         self.pos = pos
 
     def value(self, vtype: int) -> Any:
@@ -231,7 +235,7 @@ class _Cursor:
             if etype in _SCALARS:
                 self.pos += count * _SCALARS[etype][1]
                 if self.pos > self.size:
-                    raise GGUFError("truncated GGUF array")
+                    raise GGUFTruncated("truncated GGUF array")
             elif etype == _STRING:
                 self.skip_strings(count)
             else:
@@ -241,7 +245,7 @@ class _Cursor:
         if etype in _SCALARS:
             code, size = _SCALARS[etype]
             if self.pos + size * count > self.size:
-                raise GGUFError("truncated GGUF array")
+                raise GGUFTruncated("truncated GGUF array")
             values = list(struct.unpack_from(f"{self.endian}{count}{code}", self.buf, self.pos))
             self.pos += size * count
             return values
@@ -265,10 +269,34 @@ def read_gguf_header(path: str | Path) -> GGUFHeader:
                 raise GGUFError(f"{path}: truncated or malformed GGUF header ({exc})") from None
 
 
-def _parse(buf: Any, path: str, file_bytes: int) -> GGUFHeader:
+def parse_gguf_prefix(prefix: bytes, source: str, file_bytes: int) -> GGUFHeader:
+    """Parse the header from the first bytes of a GGUF file whose full size is `file_bytes`.
+
+    For a file read over the network by ranges: a header that runs past the prefix raises
+    GGUFTruncated (a GGUFError saying 'truncated'), and a longer prefix may then succeed.
+    """
+    available = min(len(prefix), file_bytes)
+    short = available < file_bytes
+    if bytes(prefix[:4]) != GGUF_MAGIC and len(prefix) >= 4:
+        raise GGUFError(f"{source}: not a GGUF file (magic {bytes(prefix[:4])!r}, expected {GGUF_MAGIC!r})")
+    if available < 24:
+        error = GGUFTruncated if short else GGUFError
+        raise error(f"{source}: truncated GGUF header ({available} of {file_bytes} bytes at hand)")
+    try:
+        return _parse(prefix, source, file_bytes, limit=available)
+    except GGUFTruncated as exc:
+        where = f"it runs past the first {available} bytes" if short else f"the file ends at {file_bytes} bytes"
+        raise GGUFTruncated(f"{source}: GGUF header truncated: {where} ({exc})") from None
+    except struct.error as exc:
+        error = GGUFTruncated if short else GGUFError
+        raise error(f"{source}: truncated or malformed GGUF header within the first {available} bytes ({exc})") from None
+
+
+def _parse(buf: Any, path: str, file_bytes: int, limit: int | None = None) -> GGUFHeader:
+    """`limit`: the bytes of `buf` that may be read (default: the whole file)."""
     version_le = struct.unpack_from("<I", buf, 4)[0]
     endian = "<" if version_le & 0xFFFF else ">"
-    cur = _Cursor(buf, endian, file_bytes)
+    cur = _Cursor(buf, endian, file_bytes if limit is None else limit)
     cur.pos = 4
     version = cur.u32()
     if version not in (2, 3):

@@ -51,6 +51,10 @@ class NodeHardware(BaseModel):
         None, description="Peak RAM bandwidth in GB/s, for CPU decode speed predictions."
     )
     gpus: list[GpuInfo] = Field(default_factory=list, description="NVIDIA GPUs; empty for CPU only.")
+    disk_free_bytes: ByteSize | None = Field(
+        None, description="Declared free disk of the node's model store (to run a node as another machine); "
+        "measured on the store's volume when unset."
+    )
     source: str = Field(
         "probe",
         description="'probe' when measured on this machine, 'file' when declared by a hardware file "

@@ -16,6 +16,11 @@ Rules (DESIGN.md "Placement rules"), tried in this order for each replica:
 A gpu_layers override replaces rules 1-3: exactly that many layers on the smallest card
 that holds them (0: rule 3).
 
+Where the file is does not decide the node: a node without a verified copy gets one
+copied. Among equally good choices (same card size in rule 1, same layer count in rule 2,
+same usable RAM in rule 3) a node that holds a copy wins. A node that lacks the file and
+has no disk room for it plus `keep_free_disk_bytes` is skipped, with its reason.
+
 Order: replicas are taken pinned first, then by whole-GPU need (largest first), then
 model name and replica, in two passes per group (pinned, then the others): first every
 replica that fits whole on a GPU (and every override), then the rest (split, CPU,
@@ -110,7 +115,8 @@ class _Gpu:
 
 
 class _Node:
-    __slots__ = ("snapshot", "name", "free_ram_bytes", "usable_ram_bytes", "claimed_ram_bytes", "gpus", "_room_text")
+    __slots__ = ("snapshot", "name", "free_ram_bytes", "usable_ram_bytes", "claimed_ram_bytes", "gpus", "_room_text",
+                 "disk_claimed_bytes")
 
     def __init__(self, snapshot: NodeSnapshot, reserved: Reservation | None, margins: Margins) -> None:
         vram_reserved = reserved.vram_bytes_by_gpu if reserved else {}
@@ -122,6 +128,18 @@ class _Node:
         self.usable_ram_bytes = snapshot.ram_free_bytes - margins.ram_bytes(ram_total) - self.claimed_ram_bytes
         self.gpus = [_Gpu(snapshot.name, g, vram_reserved.get(g.index, 0), margins) for g in snapshot.gpus]
         self._room_text: str | None = None
+        self.disk_claimed_bytes = 0  # files to be copied here by replicas placed in this call
+
+    def has_file(self, model: str) -> bool:
+        files = self.snapshot.model_files
+        return files is None or model in files
+
+    def disk_missing_bytes(self, d: ModelDemand) -> int:
+        """How many bytes of disk the node lacks to take a copy of d's file (0: room, or no copy needed)."""
+        free = self.snapshot.disk_free_bytes
+        if free is None or not d.file_bytes or self.has_file(d.model):
+            return 0
+        return max(0, d.file_bytes + d.keep_free_disk_bytes + self.disk_claimed_bytes - free)
 
     def take(self, ram_bytes: int) -> None:
         self.usable_ram_bytes -= ram_bytes
@@ -302,9 +320,11 @@ def _why_excluded(node: _Node, d: ModelDemand) -> str | None:
         return f"{d.model} is pinned to {d.pin_node}"
     if not node.snapshot.alive:
         return "node is gone"
-    files = node.snapshot.model_files
-    if files is not None and d.model not in files:
-        return f"does not have the file of {d.model}"
+    if node.disk_missing_bytes(d):
+        free = node.snapshot.disk_free_bytes or 0
+        promised = f", {format_bytes(node.disk_claimed_bytes)} promised to other copies" if node.disk_claimed_bytes else ""
+        return (f"needs {format_bytes(d.file_bytes)} disk for the file of {d.model} "
+                f"(+{format_bytes(d.keep_free_disk_bytes)} kept free), {format_bytes(free)} free{promised}")
     return None
 
 
@@ -326,7 +346,7 @@ def _choose_smallest_gpu(need: _Need, candidates: list[_Node], k: int) -> _Choic
         for gpu in node.gpus:
             vram = _vram_for(gpu, need.demand)
             if at_k.gpu_bytes <= vram:
-                rank = (gpu.total_bytes, -vram, node.name, gpu.index)
+                rank = (gpu.total_bytes, not node.has_file(need.demand.model), -vram, node.name, gpu.index)
                 if best is None or rank < best:
                     best, choice = rank, (node, gpu, k)
     return choice
@@ -357,7 +377,7 @@ def _choose_split(need: _Need, candidates: list[_Node]) -> _Choice | None:
                 break
         if need.at(k).ram_bytes > node.usable_ram_bytes:
             continue  # fewer layers only need more RAM: this GPU cannot take any split
-        rank = (-node.usable_ram_bytes, node.name, gpu.index)
+        rank = (not node.has_file(d.model), -node.usable_ram_bytes, node.name, gpu.index)
         if best is None or rank < best:
             best, choice = rank, (node, gpu, k)
     return choice
@@ -368,7 +388,7 @@ def _choose_cpu(need: _Need, candidates: list[_Node]) -> _Choice | None:
     fitting = [n for n in candidates if ram_bytes <= n.usable_ram_bytes]
     if not fitting:
         return None
-    node = min(fitting, key=lambda n: (-n.usable_ram_bytes, n.name))
+    node = min(fitting, key=lambda n: (-n.usable_ram_bytes, not n.has_file(need.demand.model), n.name))
     return node, None, 0
 
 
@@ -378,6 +398,8 @@ def _commit(need: _Need, node: _Node, gpu: _Gpu | None, k: int) -> Assignment:
     at_k = need.at(k)
     gpu_bytes = at_k.gpu_bytes if gpu is not None else 0
     node.take(at_k.ram_bytes)
+    if not node.has_file(d.model):
+        node.disk_claimed_bytes += d.file_bytes
     if gpu is not None:
         gpu.take(gpu_bytes)
     kind: AssignmentKind = "cpu" if gpu is None else ("gpu" if k == d.n_layers else "split")

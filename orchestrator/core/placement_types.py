@@ -27,8 +27,10 @@ class GpuSnapshot:
 class NodeSnapshot:
     """A node as placement sees it. Free figures are measured (other programs included).
 
-    model_files: names of the models whose file the node holds; None means unknown (any).
+    model_files: names of the models of which the node holds a verified copy; None means
+    unknown (any). A node without the file can still be chosen: the file is copied there.
     ram_total_bytes: for the RAM margin; 0 means unknown (the free figure is used).
+    disk_free_bytes: free bytes of the node's model store; None means unknown (no check).
     """
 
     name: str
@@ -37,6 +39,7 @@ class NodeSnapshot:
     gpus: tuple[GpuSnapshot, ...] = ()
     model_files: frozenset[str] | None = None
     ram_total_bytes: int = 0
+    disk_free_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,8 @@ class ModelDemand:
     n_layers: offloadable units (blocks + output layer); need(k) for k in 0..n_layers.
     gpu_layers: user override, exactly this many layers on the GPU (0 = CPU only; a
     negative value or one above n_layers means all layers).
+    file_bytes: size of the model's file, copied to a chosen node that lacks it (0: unknown).
+    keep_free_disk_bytes: disk a copy must leave free on the node's store.
     """
 
     model: str
@@ -55,6 +60,8 @@ class ModelDemand:
     pin_node: str | None = None
     gpu_layers: int | None = None
     keep_free_vram_bytes: int = 0
+    file_bytes: int = 0
+    keep_free_disk_bytes: int = 0
 
     def __post_init__(self) -> None:
         if self.n_layers < 0:
@@ -130,9 +137,12 @@ class Margins:
 DEFAULT_MARGINS = Margins()
 
 
-def snapshot_from_hardware(hw: NodeHardware, model_files: frozenset[str] | set[str] | None = None) -> NodeSnapshot:
+def snapshot_from_hardware(
+    hw: NodeHardware, model_files: frozenset[str] | set[str] | None = None, disk_free_bytes: int | None = None
+) -> NodeSnapshot:
     """A live snapshot of a hardware report or file (free = total where not measured)."""
     return NodeSnapshot(
+        disk_free_bytes=disk_free_bytes,
         name=hw.name,
         alive=True,
         ram_free_bytes=hw.ram_available,

@@ -24,6 +24,7 @@ from orchestrator.config import HomefleetConfig
 from orchestrator.controller import Controller, ReplicaRecord
 from orchestrator.core.routing import choose_replica
 from orchestrator.gateway.errors import error_body, error_response, install_error_handlers
+from orchestrator.gateway.files_api import install_files_api
 from orchestrator.gateway.metrics import render_metrics
 from orchestrator.gateway.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from worker.errors import RequestError
@@ -62,7 +63,9 @@ class Router:
         if not ready:
             state, reason = self.controller.model_state(model)
             detail = f": {reason}" if reason else ""
-            raise RequestError(f"The model '{model}' is {state}{detail}", status=503, type="server_error", code=f"model_{state}")
+            raise RequestError(f"The model '{model}' is {state}{detail}; retry shortly" if state in (
+                "copying", "downloading", "loading") else f"The model '{model}' is {state}{detail}", status=503,
+                type="server_error", code=f"model_{state}", retry_after_s=self.controller.retry_after_s(model))
         replica = choose_replica(ready, lambda r: r.in_flight, self.queue_per_replica)
         if replica is None:
             raise RequestError(
@@ -215,6 +218,8 @@ def create_app(controller: Controller, config: HomefleetConfig, api_key: str | N
     @app.get("/api/cluster")
     async def cluster():
         return controller.view().model_dump(mode="json")
+
+    install_files_api(app, controller)
 
     @app.get("/healthz")
     async def healthz():

@@ -22,7 +22,8 @@ RETRY_AFTER_S = "2"
 
 def error_response(exc: RequestError) -> JSONResponse:
     # 503 means busy, loading or not placed yet: tell clients when to try again.
-    headers = {"Retry-After": RETRY_AFTER_S} if exc.status == 503 else None
+    retry_after = str(exc.retry_after_s) if exc.retry_after_s else RETRY_AFTER_S
+    headers = {"Retry-After": retry_after} if exc.status == 503 else None
     return JSONResponse(
         status_code=exc.status,
         content=error_body(exc.message, exc.type, exc.param, exc.code),

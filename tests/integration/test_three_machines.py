@@ -13,10 +13,10 @@ import time
 
 import httpx
 import pytest
-import yaml
 
 from tests.gguf_factory import write_gguf
-from tests.support import child_env, homefleet_join, homefleet_up, ray_address_of, write_config
+from tests.support import child_env, homefleet_join, homefleet_up, ray_address_of, replica_of, write_config
+from tests.support import declared_machine as support_declared_machine
 
 pytestmark = pytest.mark.integration
 
@@ -31,12 +31,7 @@ MACHINES = {
 
 def declared_machine(tmp_path, name: str) -> str:
     seed, vram_free, ram_available, _ = MACHINES[name]
-    hardware = yaml.safe_load(open(seed))
-    hardware["ram_available_bytes"] = int(ram_available)
-    hardware["gpus"][0]["vram_free_bytes"] = int(vram_free)
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(hardware))
-    return str(path)
+    return support_declared_machine(tmp_path, name, seed, vram_free, ram_available)
 
 
 @pytest.fixture(scope="module")
@@ -81,10 +76,6 @@ def lab(tmp_path_factory):
                 timeout_s=240,
             )
             yield {"head": head, **joined, "first_view": view}
-
-
-def replica_of(view: dict, model: str) -> dict:
-    return next(m for m in view["models"] if m["name"] == model)["replicas"][0]
 
 
 def test_every_seed_machine_joins_and_reports_its_declared_hardware(lab):

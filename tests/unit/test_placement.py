@@ -55,6 +55,7 @@ def node(
     ram_free_gib: float | None = None,
     files: set[str] | None = None,
     alive: bool = True,
+    disk_free_gib: float | None = None,
 ) -> NodeSnapshot:
     gpus = ()
     if vram_gib is not None:
@@ -67,6 +68,7 @@ def node(
         ram_total_bytes=int(ram_gib * GIB),
         gpus=gpus,
         model_files=None if files is None else frozenset(files),
+        disk_free_bytes=None if disk_free_gib is None else int(disk_free_gib * GIB),
     )
 
 
@@ -243,19 +245,54 @@ def test_pinned_model_has_first_call_on_its_node_even_when_it_must_split():
     assert where(result, "small") == ("laptop-2", "gpu", 32)
 
 
-def test_model_goes_only_to_nodes_that_hold_its_file():
-    lab = home_lab(**{"laptop-1": {"files": {"other"}}, "laptop-2": {"files": {"small"}}})
+def test_where_the_file_is_does_not_decide_the_node():
+    # Only the desktop holds the file; the rules still send a small model to a laptop.
+    lab = home_lab(desktop={"files": {"small"}}, **{"laptop-1": {"files": set()}, "laptop-2": {"files": set()}})
+    assert where(place(lab, [demand("small", 2)]), "small")[0] in ("laptop-1", "laptop-2")
+
+
+def test_among_equally_good_cards_the_node_holding_a_copy_wins():
+    # laptop-1 has more free VRAM (the usual tie-break), but laptop-2 holds the file.
+    lab = home_lab(**{"laptop-1": {"files": set(), "vram_free_gib": 6}, "laptop-2": {"files": {"small"}, "vram_free_gib": 5}})
     assert where(place(lab, [demand("small", 2)]), "small") == ("laptop-2", "gpu", 32)
+    without_files = home_lab(**{"laptop-1": {"vram_free_gib": 6}, "laptop-2": {"vram_free_gib": 5}})
+    assert where(place(without_files, [demand("small", 2)]), "small") == ("laptop-1", "gpu", 32)
 
 
-def test_no_node_with_the_file_gives_a_file_reason_per_node():
-    lab = [node("a", vram_gib=6, files=set()), node("b", vram_gib=6, files={"x"}), node("c", alive=False)]
-    reasons = reasons_of(place(lab, [demand("small", 2)]), "small")
-    assert reasons == {
-        "a": "does not have the file of small",
-        "b": "does not have the file of small",
-        "c": "node is gone",
+def test_a_copy_does_not_beat_a_better_rule():
+    # The holder has the big card: a small model still goes to a laptop without the file.
+    lab = home_lab(desktop={"files": {"small"}}, **{"laptop-2": {"files": set()}, "laptop-1": {"files": set()}})
+    assert where(place(lab, [demand("small", 2)]), "small")[0] != "desktop"
+
+
+def test_split_among_gpus_taking_equal_layers_prefers_the_copy_holder():
+    lab = [node("a", vram_gib=6, ram_gib=64, files=set()), node("b", vram_gib=6, ram_gib=40, files={"big"})]
+    assert where(place(lab, [demand("big", 20)]), "big")[:2] == ("b", "split")
+
+
+def test_node_without_disk_room_for_the_copy_is_skipped_with_its_reason_in_numbers():
+    lab = home_lab(**{"laptop-1": {"files": set(), "disk_free_gib": 3}, "laptop-2": {"files": set(), "disk_free_gib": 100},
+                      "desktop": {"files": {"small"}}})
+    small = demand("small", 2, file_bytes=2 * GIB, keep_free_disk_bytes=2 * GIB)
+    assert where(place(lab, [small]), "small")[0] == "laptop-2"
+    only = [node("laptop-1", vram_gib=6, files=set(), disk_free_gib=3)]
+    assert reasons_of(place(only, [small]), "small") == {
+        "laptop-1": "needs 2.0 GiB disk for the file of small (+2.0 GiB kept free), 3.0 GiB free"
     }
+
+
+def test_a_node_holding_the_file_needs_no_disk_room():
+    lab = [node("a", vram_gib=6, files={"small"}, disk_free_gib=0)]
+    assert where(place(lab, [demand("small", 2, file_bytes=2 * GIB, keep_free_disk_bytes=2 * GIB)]), "small")[0] == "a"
+
+
+def test_disk_promised_to_copies_in_the_same_call_counts():
+    lab = [node("a", vram_gib=24, files=set(), disk_free_gib=4.5)]
+    demands = [demand("m1", 2, file_bytes=2 * GIB, keep_free_disk_bytes=1 * GIB),
+               demand("m2", 2, file_bytes=2 * GIB, keep_free_disk_bytes=1 * GIB)]
+    result = place(lab, demands)
+    assert where(result, "m1") is not None
+    assert "2.0 GiB promised to other copies" in reasons_of(result, "m2")["a"]
 
 
 # ---------------------------------------------------------------- running replicas
