@@ -42,8 +42,9 @@ def cluster_view(controller: Controller) -> ClusterView:
                 replicas.append(
                     ReplicaView(
                         replica_id=f"{model.name}#{index}",
-                        state=state if state != "ready" else "pending",
-                        reason=reason or controller.unplaced_reason(model.name),
+                        state=state if state in ("pending", "failed") else "pending",
+                        reason=(reason if state in ("pending", "failed") else None)
+                        or controller.unplaced_reason(model.name) or "waiting for a node with room",
                     )
                 )
         files = controller.files.files.get(model.name)

@@ -2,7 +2,9 @@
 
 Pure: takes the snapshot the gateway serves at `GET /api/cluster` and returns a string.
 Cells may span several lines (one GPU or one model a line); reasons for pending or failed
-models are printed in full, wrapped under their row, never cut to fit a column.
+models, and the progress of a model file coming to its node (copying from a peer,
+downloading from a URL), are printed in full, wrapped under their row, never cut to fit a
+column.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from orchestrator.cluster_view import ClusterView, ModelView, NodeView
-from orchestrator.core.hardware import GIB, GpuInfo, format_bytes
+from orchestrator.core.hardware import GIB, MIB, GpuInfo, format_bytes
+from orchestrator.core.store_types import TransferProgress
 
 DEFAULT_WIDTH = 100
 COLUMN_GAP = "  "
@@ -32,12 +35,18 @@ STATE_STYLES = {
     "gone": "red",
     "ready": "green",
     "loading": "cyan",
+    "copying": "cyan",
+    "downloading": "cyan",
     "pending": "yellow",
     "failed": "red",
     "stopped": "dim",
 }
+# Replicas whose model file is still on its way to their node.
+FETCHING_STATES = ("copying", "downloading")
 # Model names a node lists: replicas in these states live (or are about to) on it.
-HELD_STATES = ("ready", "loading", "pending")
+HELD_STATES = ("ready", "loading", *FETCHING_STATES, "pending")
+# Order of the state counts after the MODELS title.
+MODEL_STATE_ORDER = ("ready", "loading", *FETCHING_STATES, "pending", "failed", "stopped")
 # Prefixes dropped from GPU marketing names: "NVIDIA GeForce RTX 4070 Ti" -> "RTX 4070 Ti".
 GPU_NAME_PREFIXES = ("NVIDIA ", "GeForce ")
 
@@ -55,7 +64,7 @@ def _nodes_section(view: ClusterView, painter: _Painter) -> str:
     title = painter("bold", "NODES") + _counts_suffix(Counter(n.state for n in view.nodes), ("alive", "gone"))
     if not view.nodes:
         return title + "\n" + painter("dim", "no node has joined yet: run `homefleet join HEAD:6379` on each machine")
-    table = _Table(["NAME", "ADDRESS", "STATE", "CPU", "RAM", "GPU", "MODELS"])
+    table = _Table(["NAME", "ADDRESS", "STATE", "CPU", "RAM", "GPU", "DISK FREE", "MODELS"])
     for node in sorted(view.nodes, key=lambda n: (not n.is_head, n.name)):
         table.add(
             [
@@ -65,6 +74,7 @@ def _nodes_section(view: ClusterView, painter: _Painter) -> str:
                 _cpu_text(node),
                 _ram_text(node),
                 _gpu_lines(node),
+                _disk_text(node),
                 _models_on(node.name, view.models),
             ],
             styles={2: STATE_STYLES[node.state]},
@@ -74,7 +84,7 @@ def _nodes_section(view: ClusterView, painter: _Painter) -> str:
 
 def _models_section(view: ClusterView, painter: _Painter, width: int) -> str:
     states = Counter(m.state for m in view.models)
-    title = painter("bold", "MODELS") + _counts_suffix(states, ("ready", "loading", "pending", "failed", "stopped"))
+    title = painter("bold", "MODELS") + _counts_suffix(states, MODEL_STATE_ORDER)
     if not view.models:
         return title + "\n" + painter("dim", "no model configured: add some under `models:` in the config file")
     table = _Table(
@@ -96,7 +106,10 @@ def _add_model_rows(table: _Table, model: ModelView, width: int) -> None:
         )
         return
     replica_reasons = {r.reason for r in model.replicas}
+    shows_progress = False
     for i, replica in enumerate(model.replicas):
+        progress = _progress_notes(replica.state, replica.transfer, width)
+        shows_progress = shows_progress or bool(progress)
         table.add(
             [
                 model.name if i == 0 else "",
@@ -105,14 +118,16 @@ def _add_model_rows(table: _Table, model: ModelView, width: int) -> None:
                 replica.processor,
                 format_bytes(_total(replica.estimated_gpu_bytes, replica.estimated_ram_bytes)),
                 _measured_cell(replica),
-                replica.state,
+                _state_cell(replica.state, replica.transfer),
             ],
             styles={6: STATE_STYLES[replica.state]},
-            notes=_reason_notes(replica.reason, width),
+            notes=progress + _reason_notes(replica.reason, width),
             note_style=STATE_STYLES[replica.state],
         )
-    # A model-level reason the replicas do not already say (e.g. "1 of 2 replicas placed").
-    if model.reason and model.reason not in replica_reasons:
+    # A model-level reason the replicas do not already say (e.g. "1 of 2 replicas placed"); while
+    # its file travels the model's reason only repeats a replica's progress, already printed.
+    repeats_progress = shows_progress and model.state in FETCHING_STATES
+    if model.reason and model.reason not in replica_reasons and not repeats_progress:
         table.add_notes(_reason_notes(model.reason, width))
 
 
@@ -124,6 +139,49 @@ def _measured_cell(replica) -> str:
     measured = _total(replica.measured_gpu_bytes, replica.measured_ram_bytes)
     ratio = replica.measured_over_estimated
     return format_bytes(measured) + (f" x{ratio:.2f}" if ratio is not None else "")
+
+
+def _state_cell(state: str, transfer: TransferProgress | None) -> str:
+    """'copying 45%' while the file travels (whole percents, so 100% only once it is all there)."""
+    if state in FETCHING_STATES and transfer is not None and transfer.percent is not None:
+        return f"{state} {int(transfer.percent)}%"
+    return state
+
+
+def _progress_notes(state: str, transfer: TransferProgress | None, width: int) -> list[str]:
+    """'copying: 45% of 241 MiB at 64 MiB/s, about 2s left, from desktop', wrapped like reasons.
+
+    The source comes last: a URL is long and, never cut, wraps onto a line of its own."""
+    if state not in FETCHING_STATES or transfer is None:
+        return []
+    source = f", from {transfer.source}" if transfer.source else ""
+    return _wrapped(f"{state}: {_progress_text(transfer)}{source}", width)
+
+
+def _progress_text(t: TransferProgress) -> str:
+    total = format_bytes(t.total_bytes) if t.total_bytes else None
+    if t.state == "queued":
+        text = "queued" + (f", {total}" if total else "")
+    elif t.state == "verifying":
+        text = "verifying sha256" + (f" of {total}" if total else "")
+    elif t.percent is not None:
+        text = f"{int(t.percent)}% of {total}"
+    else:
+        text = f"{format_bytes(t.bytes_done)} so far"
+    if t.state in ("copying", "downloading"):
+        if t.rate_bytes_per_s:
+            text += f" at {_rate_text(t.rate_bytes_per_s)}"
+        if t.eta_s is not None:
+            text += f", about {_age_text(t.eta_s)} left"
+    if t.attempt > 1:
+        text += f" (attempt {t.attempt})"
+    return text
+
+
+def _rate_text(bytes_per_s: float) -> str:
+    if bytes_per_s < MIB:
+        return f"{bytes_per_s / 1024:.0f} KiB/s"
+    return f"{format_bytes(bytes_per_s)}/s"
 
 
 def _counts_suffix(counts: Counter, order: tuple[str, ...]) -> str:
@@ -173,6 +231,14 @@ def _gpu_text(gpu: GpuInfo, live: bool) -> str:
     text = f"{short_gpu_name(gpu.name)} {_used_of_total(used, int(gpu.vram_total_bytes))}"
     busy = _pct_text(gpu.utilization_pct) if live else None
     return text + (f" {busy}" if busy else "")
+
+
+def _disk_text(node: NodeView) -> str:
+    """Free disk of the node's model store, as last reported; '-' when unknown or the node is gone."""
+    store = node.store
+    if node.state != "alive" or store is None or store.disk_free_bytes is None:
+        return "-"
+    return format_bytes(store.disk_free_bytes)
 
 
 def _vram_used(gpu: GpuInfo) -> int | None:
@@ -228,13 +294,19 @@ def _reason_notes(reason: str | None, width: int) -> list[str]:
     """A reason wrapped to `width`, in full: its own line breaks kept, no word cut."""
     if not reason:
         return []
+    return _wrapped("reason: " + reason.strip(), width)
+
+
+def _wrapped(text: str, width: int) -> list[str]:
+    """A note under a row: indented, wrapped to `width` under its first word, line breaks kept."""
+    label, _, _ = text.partition(" ")
+    first_indent = REASON_INDENT
+    rest_indent = " " * (len(REASON_INDENT) + len(label) + 1)
     lines: list[str] = []
-    first_indent = REASON_INDENT + "reason: "
-    rest_indent = " " * len(first_indent)
-    for i, paragraph in enumerate(reason.strip().splitlines()):
+    for i, paragraph in enumerate(text.splitlines()):
         lines += textwrap.wrap(
             paragraph,
-            width=max(width, len(first_indent) + 20),
+            width=max(width, len(rest_indent) + 20),
             initial_indent=first_indent if i == 0 else rest_indent,
             subsequent_indent=rest_indent,
             break_long_words=False,

@@ -68,9 +68,8 @@ class NodeAgentImpl:
         self.nvml = NvmlSession()
         self.node_id = ray.get_runtime_context().get_node_id()
         self.address = ray.util.get_node_ip_address()
-        self.store = ModelStore(self.models_dir)
-        self._declared_disk_free = int(self.declared.disk_free_bytes) if self.declared and self.declared.disk_free_bytes is not None else None
-        self._store_bytes_at_start = self._store_bytes()
+        declared_disk = self.declared.disk_free_bytes if self.declared else None
+        self.store = ModelStore(self.models_dir, None if declared_disk is None else int(declared_disk))
         # Peers fetch files with this key, which only the head (over Ray's authenticated channel) hands out.
         self.store_key = secrets.token_urlsafe(32)
         self._exports: dict[str, str] = {}  # name -> configured path outside the store, servable too
@@ -94,9 +93,6 @@ class NodeAgentImpl:
                 configured[model] = resolved
         self._exports = {Path(p).name: p for p in configured.values() if not self.store.contains(p)}
         store = self.store.report(list(configured.values()), server_url=self.file_server.url)
-        if self._declared_disk_free is not None:
-            grown = max(0, self._store_bytes() - self._store_bytes_at_start)
-            store.disk_free_bytes = max(0, self._declared_disk_free - grown)
         return {
             "name": self.name,
             "node_id": self.node_id,
@@ -108,9 +104,6 @@ class NodeAgentImpl:
             "transfers": [p.model_dump(mode="json") for p in self.transfers()],
             "reported_at": time.time(),
         }
-
-    def _store_bytes(self) -> int:
-        return sum(p.stat().st_size for p in self.store.files() if p.exists())
 
     def _resolve_served(self, name: str) -> Path:
         """Files peers may fetch: the store's, and configured model files kept elsewhere on this node."""

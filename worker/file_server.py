@@ -85,6 +85,8 @@ class FileRequestHandler(BaseHTTPRequestHandler):
                 count -= sent
         except (BrokenPipeError, ConnectionResetError, TimeoutError):
             self.close_connection = True
+        if count > 0:  # the file shrank: end the body now, so the reader moves on at once
+            self.close_connection = True
 
     def _authorized(self) -> bool:
         key = self.server.key

@@ -128,7 +128,9 @@ def _resolve_hf(source: HfSource, timeout_s: float) -> ResolvedSource:
         raise SourceUnavailable(f"{source}: {exc}") from None
     except (OSError, *_hub_transport_errors()) as exc:
         raise SourceUnavailable(f"{where}: cannot reach the Hub ({exc or type(exc).__name__})") from None
-    final_url = metadata.location or url
+    # Fetch from the resolve URL, not the signed storage URL it redirects to (that one
+    # expires, and a copy may start long after this); redirects drop the token off the Hub.
+    final_url = url
     if _origin(final_url) != _origin(endpoint):
         # Storage the Hub redirects to gets signed URLs, never the token.
         headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}

@@ -63,7 +63,7 @@ def _read_sidecar(path: Path) -> dict:
 
 def _write_sidecar(path: Path, data: dict) -> bool:
     target = sidecar_path(path)
-    tmp = target.with_name(target.name + ".tmp")
+    tmp = target.with_name(f"{target.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
         tmp.write_text(json.dumps(data))
         os.replace(tmp, target)
@@ -80,6 +80,8 @@ class ModelStore:
         self._memory: dict[str, dict] = {}  # path -> sidecar data, where no sidecar can be written
         self._pending: set[str] = set()
         self._lock = threading.Lock()
+        self._meta_lock = threading.RLock()  # the hasher and a commit may describe one file at once
+        self._bytes_at_start = self._stored_bytes() if declared_disk_free_bytes is not None else 0
         self._queue: queue.Queue[Path] = queue.Queue()
         self._hasher = threading.Thread(target=self._hash_loop, name="store-hasher", daemon=True)
         self._hasher.start()
@@ -106,13 +108,29 @@ class ModelStore:
 
     # ---- inventory -------------------------------------------------------------------
     def disk_usage(self) -> tuple[int | None, int | None]:
-        """(free, total) bytes of the store's volume; a declared free figure wins."""
+        """(free, total) bytes of the store's volume. A declared free figure (a node run as
+        another machine) wins, less what the store has grown by since it started."""
+        declared = self._declared_free()
         try:
             usage = shutil.disk_usage(self.root)
         except OSError:
-            return self.declared_disk_free_bytes, None
-        free = usage.free if self.declared_disk_free_bytes is None else self.declared_disk_free_bytes
-        return free, usage.total
+            return declared, None
+        return (usage.free if declared is None else declared), usage.total
+
+    def _declared_free(self) -> int | None:
+        if self.declared_disk_free_bytes is None:
+            return None
+        grown = max(0, self._stored_bytes() - self._bytes_at_start)
+        return max(0, self.declared_disk_free_bytes - grown)
+
+    def _stored_bytes(self) -> int:
+        total = 0
+        for p in (*self.files(), *self.root.glob(".*.partial")):
+            try:
+                total += p.stat().st_size
+            except OSError:
+                pass
+        return total
 
     def files(self) -> list[Path]:
         try:
@@ -168,10 +186,11 @@ class ModelStore:
         after = path.stat()
         if (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns):
             raise OSError(f"{path} changed while it was hashed")
-        meta = self._meta(path)
-        fresh = meta.get("size") == after.st_size and meta.get("mtime_ns") == after.st_mtime_ns
-        self._remember(path, {"size": after.st_size, "mtime_ns": after.st_mtime_ns, "sha256": digest,
-                              "copied_by_homefleet": bool(meta.get("copied_by_homefleet")) and fresh})
+        with self._meta_lock:  # read-modify-write: a commit may be marking the same file a copy
+            meta = self._meta(path)
+            fresh = meta.get("size") == after.st_size and meta.get("mtime_ns") == after.st_mtime_ns
+            self._remember(path, {"size": after.st_size, "mtime_ns": after.st_mtime_ns, "sha256": digest,
+                                  "copied_by_homefleet": bool(meta.get("copied_by_homefleet")) and fresh})
         return digest
 
     # ---- what transfers and pruning do -------------------------------------------------
@@ -217,10 +236,11 @@ class ModelStore:
         return self._memory.get(str(path)) or _read_sidecar(path)
 
     def _remember(self, path: Path, data: dict) -> None:
-        if not _write_sidecar(path, data):
-            self._memory[str(path)] = data
-        else:
-            self._memory.pop(str(path), None)
+        with self._meta_lock:
+            if not _write_sidecar(path, data):
+                self._memory[str(path)] = data
+            else:
+                self._memory.pop(str(path), None)
 
     def _enqueue(self, path: Path) -> None:
         with self._lock:

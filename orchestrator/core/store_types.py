@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, computed_field
 
 TransferState = Literal["queued", "copying", "downloading", "verifying", "done", "failed", "cancelled"]
 ACTIVE_TRANSFER_STATES = ("queued", "copying", "downloading", "verifying")
@@ -49,12 +49,14 @@ class TransferProgress(BaseModel):
     sha256: str | None = Field(None, description="Of the finished file.")
     path: str | None = Field(None, description="Of the finished file.")
 
+    @computed_field  # in the JSON too: the dashboard and the CLI need not repeat the rule
     @property
     def percent(self) -> float | None:
         if not self.total_bytes:
             return None
         return min(100.0, 100.0 * self.bytes_done / self.total_bytes)
 
+    @computed_field
     @property
     def active(self) -> bool:
         return self.state in ACTIVE_TRANSFER_STATES

@@ -30,6 +30,14 @@ def render_metrics(view: ClusterView) -> str:
            [({"node": n.name}, n.hardware.ram_available) for n in view.nodes])
     metric("homefleet_gpu_vram_free_bytes", "gauge", "Free VRAM per GPU.",
            [({"node": n.name, "gpu": g.index}, g.vram_free) for n in view.nodes for g in n.hardware.gpus])
+    metric("homefleet_node_disk_free_bytes", "gauge", "Free disk of the node's model store.",
+           [({"node": n.name}, n.store.disk_free_bytes) for n in view.nodes
+            if n.store is not None and n.store.disk_free_bytes is not None])
+    active = [(n, t) for n in view.nodes for t in n.transfers if t.active]
+    metric("homefleet_transfer_bytes", "gauge", "Bytes of a model file copied so far into a node's store.",
+           [({"node": n.name, "file": t.name, "source": t.source or ""}, t.bytes_done) for n, t in active])
+    metric("homefleet_transfer_size_bytes", "gauge", "Size of a model file being copied into a node's store.",
+           [({"node": n.name, "file": t.name}, t.total_bytes) for n, t in active if t.total_bytes])
     metric("homefleet_node_requests_total", "counter", "Requests served by the node.",
            [({"node": n.name}, n.requests_served) for n in view.nodes])
     replicas = [(m, r) for m in view.models for r in m.replicas]

@@ -118,15 +118,19 @@ def test_resolve_hf_of_a_revision_and_a_file_in_a_folder(src, hub_env):
     assert resolved.url == hub.resolve_url(REPO, "q4/m.gguf", "v1.0") and resolved.sha256 == sha_of(path)
 
 
-def test_resolve_hf_redirected_to_storage_keeps_the_token_on_the_hub(src, hub_env):
+def test_hf_file_on_storage_is_fetched_through_the_resolve_url_and_the_token_stays_on_the_hub(src, hub_env, tmp_path):
     path = src / "m.gguf"
     with fake_hf_endpoint({(REPO, "main", "m.gguf"): path}, token=TOKEN, cdn=True) as hub:
         hub_env.setenv("HF_ENDPOINT", hub.url)
         resolved = resolve_source(parse_url(f"hf://{REPO}/m.gguf"))
-    assert resolved.url.startswith(hub.cdn.url + "/")  # the 302's Location, not followed across hosts
-    assert (resolved.sha256, resolved.size_bytes) == (sha_of(path), 2 * MIB)  # from X-Linked-Etag / -Size
-    assert "authorization" not in {k.lower() for k in resolved.headers}
-    assert hub.cdn.requests == []
+        # The resolve route, not the signed storage URL it redirects to: that one expires.
+        assert resolved.url == hub.resolve_url(REPO, "m.gguf")
+        assert (resolved.sha256, resolved.size_bytes) == (sha_of(path), 2 * MIB)  # from X-Linked-Etag / -Size
+        assert hub.cdn.requests == []
+        stored = pull_into_store(f"hf://{REPO}/m.gguf", ModelStore(tmp_path / "store"))
+        assert stored.sha256 == sha_of(path)
+        assert hub.gets() and all(r.authorization == f"Bearer {TOKEN}" for r in hub.gets())
+        assert hub.cdn.gets() and all(r.authorization is None for r in hub.cdn.gets())
 
 
 def test_resolve_hf_of_a_plain_git_file_has_a_size_but_no_sha256(src, hub_env):

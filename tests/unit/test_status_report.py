@@ -16,6 +16,7 @@ import pytest
 from orchestrator.cluster_view import ClusterView, ModelView, NodeView, ReplicaView
 from orchestrator.commands import status as status_command
 from orchestrator.core.hardware import GIB, MIB, GpuInfo, NodeHardware
+from orchestrator.core.store_types import StoreReport, TransferProgress
 from orchestrator.status_report import render_status, short_gpu_name
 
 NOW = 1_700_000_000.0
@@ -35,7 +36,7 @@ def gpu(name="NVIDIA GeForce RTX 4070 Ti", total_gib=16, used_gib=None, util=Non
 
 
 def node(name="desktop", state="alive", gpus=None, ram_gib=64, ram_free_gib=None, cpu_pct=None,
-         is_head=False, reported_ago=1.0, cores=14) -> NodeView:
+         is_head=False, reported_ago=1.0, cores=14, store=None) -> NodeView:
     hardware = NodeHardware(
         name=name, cpu_cores=cores, cpu_threads=cores, cpu_utilization_pct=cpu_pct,
         ram_total_bytes=int(ram_gib * GIB),
@@ -43,13 +44,30 @@ def node(name="desktop", state="alive", gpus=None, ram_gib=64, ram_free_gib=None
         gpus=gpus if gpus is not None else [gpu()],
     )
     return NodeView(name=name, address=f"192.168.1.{len(name)}", state=state, is_head=is_head,
-                    hardware=hardware, reported_at=NOW - reported_ago)
+                    hardware=hardware, reported_at=NOW - reported_ago, store=store)
+
+
+def store(free_bytes=None, total_bytes=None) -> StoreReport:
+    return StoreReport(models_dir="/srv/models", disk_free_bytes=free_bytes, disk_total_bytes=total_bytes)
+
+
+HF_URL = ("https://huggingface.co/Qwen/Qwen2.5-Coder-14B-Instruct-GGUF/resolve/main/"
+          "qwen2.5-coder-14b-instruct-q4_k_m.gguf")
+
+
+def transfer(state="copying", source="desktop", done=int(108.5 * MIB), total=241 * MIB, rate=64 * MIB, eta=2.1,
+             attempt=1) -> TransferProgress:
+    return TransferProgress(
+        transfer_id="t-1", name="model.gguf", state=state, kind="download" if source.startswith("http") else "copy",
+        source=source, bytes_done=done, total_bytes=total, rate_bytes_per_s=rate, eta_s=eta, attempt=attempt,
+    )
 
 
 def replica(model="qwen-14b", node_name="desktop", state="ready", gpu_layers=49, total_layers=49,
-            reason=None, est_gpu=None, est_ram=None, meas_gpu=None, meas_ram=None, suffix="0") -> ReplicaView:
+            reason=None, est_gpu=None, est_ram=None, meas_gpu=None, meas_ram=None, suffix="0",
+            transfer=None) -> ReplicaView:
     return ReplicaView(
-        replica_id=f"{model}-{suffix}", node=node_name, state=state, reason=reason,
+        replica_id=f"{model}-{suffix}", node=node_name, state=state, reason=reason, transfer=transfer,
         gpu_layers=gpu_layers, total_layers=total_layers,
         estimated_gpu_bytes=est_gpu, estimated_ram_bytes=est_ram,
         measured_gpu_bytes=meas_gpu, measured_ram_bytes=meas_ram,
@@ -87,6 +105,17 @@ def cell(lines: list[str], header: str, first_cell: str) -> str:
 
 def flat(text: str) -> str:
     return " ".join(text.split())
+
+
+def notes_under(lines: list[str], first_cell: str) -> list[str]:
+    """The indented note lines right under the row starting with first_cell."""
+    after = lines[lines.index(row_of(lines, first_cell)) + 1:]
+    notes = []
+    for line in after:
+        if not line.startswith("    "):
+            break
+        notes.append(line)
+    return notes
 
 
 # ----------------------------------------------------------------------------- nodes
@@ -162,6 +191,33 @@ def test_node_lists_the_models_it_holds_but_not_failed_ones():
     assert desktop_models == ["qwen-14b", "llama-3b (loading)"]
     assert "mistral-7b" not in nodes_block
     assert cell(section(text, "NODES"), "MODELS", "laptop-1") == "phi-3"
+
+
+@pytest.mark.parametrize(
+    ("the_node", "expected"),
+    [
+        (node("desktop", store=store(int(812.3 * GIB), 931 * GIB)), "812.3 GiB"),
+        (node("desktop", store=store(512 * MIB)), "512 MiB"),
+        (node("desktop", store=None), "-"),
+        (node("desktop", store=store(None)), "-"),
+        (node("desktop", state="gone", store=store(812 * GIB)), "-"),
+    ],
+    ids=["free", "small", "no-store-report", "free-unknown", "gone-hides-stale-free"],
+)
+def test_disk_column_shows_the_free_disk_of_the_node_store_or_a_dash(the_node, expected):
+    assert cell(section(render_status(view([the_node])), "NODES"), "DISK FREE", "desktop") == expected
+
+
+def test_disk_figure_is_per_node():
+    nodes = [node("desktop", store=store(812 * GIB)), node("laptop-1", store=store(120 * GIB)), node("laptop-2")]
+    lines = section(render_status(view(nodes)), "NODES")
+    assert [cell(lines, "DISK FREE", n) for n in ("desktop", "laptop-1", "laptop-2")] == ["812.0 GiB", "120.0 GiB", "-"]
+
+
+def test_node_lists_a_model_whose_file_is_coming_to_it():
+    m = model("gemma", [replica("gemma", "laptop-1", state="copying", transfer=transfer())])
+    lines = section(render_status(view([node("laptop-1")], [m])), "NODES")
+    assert cell(lines, "MODELS", "laptop-1") == "gemma (copying)"
 
 
 # ----------------------------------------------------------------------------- models
@@ -268,6 +324,85 @@ def test_columns_line_up_with_their_headers():
     assert [line[state_at:].split()[0] for line in lines[1:]] == ["ready", "loading"]
 
 
+def test_copying_replica_shows_percent_in_its_state_and_rate_eta_and_source_under_its_row():
+    m = model("gemma", [replica("gemma", "laptop-1", state="copying", transfer=transfer())])
+    lines = section(render_status(view(models=[m])), "MODELS")
+    assert cell(lines, "STATE", "gemma") == "copying 45%"
+    assert [n.strip() for n in notes_under(lines, "gemma")] == [
+        "copying: 45% of 241 MiB at 64 MiB/s, about 2s left, from desktop"
+    ]
+
+
+def test_downloading_replica_names_the_url_in_full_even_when_longer_than_the_width():
+    t = transfer(source=HF_URL, done=int(1.1 * GIB), total=int(8.4 * GIB), rate=11.2 * MIB, eta=668)
+    m = model("qwen-14b", [replica(state="downloading", transfer=t)])
+    lines = section(render_status(view(models=[m]), width=80), "MODELS")
+    assert cell(lines, "STATE", "qwen-14b") == "downloading 13%"
+    notes = notes_under(lines, "qwen-14b")
+    assert flat(" ".join(notes)) == f"downloading: 13% of 8.4 GiB at 11 MiB/s, about 11m left, from {HF_URL}"
+    assert any(line.strip() == HF_URL for line in notes)  # on a line of its own, not cut
+    assert all(len(line) <= 80 for line in notes if HF_URL not in line)
+
+
+@pytest.mark.parametrize(
+    ("t", "expected"),
+    [
+        (transfer(state="queued", done=0, rate=None, eta=None), "copying: queued, 241 MiB, from desktop"),
+        (transfer(state="verifying", done=241 * MIB, rate=None, eta=0),
+         "copying: verifying sha256 of 241 MiB, from desktop"),
+        (transfer(total=None, eta=None), "copying: 108 MiB so far at 64 MiB/s, from desktop"),
+        (transfer(rate=300 * 1024, eta=3600 + 5 * 60),
+         "copying: 45% of 241 MiB at 300 KiB/s, about 1h05m left, from desktop"),
+        (transfer(attempt=2), "copying: 45% of 241 MiB at 64 MiB/s, about 2s left (attempt 2), from desktop"),
+        (transfer(done=int(240.9 * MIB)), "copying: 99% of 241 MiB at 64 MiB/s, about 2s left, from desktop"),
+    ],
+    ids=["queued", "verifying", "size-unknown", "slow-and-long", "retried", "no-100%-before-the-end"],
+)
+def test_progress_note_says_where_the_copy_stands(t, expected):
+    m = model("gemma", [replica("gemma", "laptop-1", state="copying", transfer=t)])
+    lines = section(render_status(view(models=[m])), "MODELS")
+    assert flat(" ".join(notes_under(lines, "gemma"))) == expected
+
+
+def test_model_reason_that_repeats_the_copy_progress_is_not_printed_again():
+    controller_reason = "to laptop-1 from desktop: 45% of 241 MiB at 64 MiB/s, about 2 s left"
+    m = model("gemma", [replica("gemma", "laptop-1", state="copying", transfer=transfer())],
+              state="copying", reason=controller_reason)
+    text = render_status(view(models=[m]))
+    assert text.count("64 MiB/s") == 1 and "reason:" not in text
+
+
+def test_copying_replica_without_progress_yet_keeps_the_model_reason():
+    m = model("gemma", [replica("gemma", "laptop-1", state="copying")], state="copying", reason="to laptop-1")
+    lines = section(render_status(view(models=[m])), "MODELS")
+    assert cell(lines, "STATE", "gemma") == "copying"
+    assert [n.strip() for n in notes_under(lines, "gemma")] == ["reason: to laptop-1"]
+
+
+def test_loaded_replica_keeps_its_finished_transfer_quiet():
+    done = transfer(state="done", done=241 * MIB, rate=None, eta=0)
+    m = model("gemma", [replica("gemma", "laptop-1", state="loading", transfer=done)])
+    lines = section(render_status(view(models=[m])), "MODELS")
+    assert cell(lines, "STATE", "gemma") == "loading"
+    assert notes_under(lines, "gemma") == []
+
+
+def test_models_title_counts_copying_and_downloading_models():
+    models = [model("a", [replica("a", state="copying", transfer=transfer())]),
+              model("b", [replica("b", state="downloading", transfer=transfer(source=HF_URL))]),
+              model("c")]
+    assert render_status(view(models=models)).count("MODELS  (1 ready, 1 copying, 1 downloading)") == 1
+
+
+@pytest.mark.parametrize("state", ["copying", "downloading"])
+def test_file_on_its_way_is_painted_like_loading(state):
+    m = model("gemma", [replica("gemma", state=state, transfer=transfer())])
+    colored = render_status(view(models=[m]), color=True)
+    assert f"\x1b[36m{state} 45%" in colored
+    assert f"\x1b[36m    {state}: 45% of 241 MiB" in colored
+    assert ANSI.sub("", colored) == render_status(view(models=[m]))
+
+
 # ----------------------------------------------------------------------------- whole report
 
 
@@ -286,7 +421,9 @@ def test_plain_output_has_no_escape_codes_and_color_output_paints_states():
 
 
 def test_no_line_ends_in_blanks():
-    text = render_status(view([node("desktop"), node("laptop-2", state="gone")], [model()]))
+    copying = model("gemma", [replica("gemma", "laptop-2", state="copying", transfer=transfer(source=HF_URL))])
+    text = render_status(view([node("desktop", store=store(GIB)), node("laptop-2", state="gone")], [model(), copying]),
+                         width=60)
     assert all(line == line.rstrip() for line in text.splitlines())
 
 
