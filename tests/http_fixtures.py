@@ -128,15 +128,7 @@ class FaultyFileRequestHandler(FileRequestHandler):
         self.server.requests.append(RecordedRequest(self.command, self.path, headers))
 
     def _plain(self, status: int, message: str, headers: Mapping[str, str] | None = None) -> None:
-        data = (message + "\n").encode()
-        self.send_response(status)
-        for k, v in (headers or {}).items():
-            self.send_header(k, v)
-        self.send_header("Content-Type", "text/plain; charset=utf-8")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(data)
+        self._reply(status, message, dict(headers or {}))  # the product's plain-text answer
 
 
 class RecordingFileServer(FileServer):

@@ -15,7 +15,7 @@ import time
 import uuid
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from worker.chat_format import ChatFormatter, choose_formatter
 from worker.errors import RequestError, context_length_exceeded
@@ -24,6 +24,13 @@ from worker.memory_use import measure_process_memory
 log = logging.getLogger(__name__)
 
 KV_TYPES = {"f16": 1, "q8_0": 8, "q4_0": 2}  # ggml type ids
+# Asked before each token: None to go on, "length" to end the answer there (a time limit),
+# "cancelled" to drop it (the client left).
+StopCheck = Callable[[], str | None]
+
+
+class GenerationCancelled(Exception):
+    """The client left; nothing more is generated for it."""
 
 
 @dataclass(frozen=True)
@@ -138,24 +145,26 @@ class Engine:
             stream=True,
         )
 
-    def stream_chat(self, messages: list[dict], sampling: dict) -> Iterator[dict]:
+    def stream_chat(self, messages: list[dict], sampling: dict, should_stop: StopCheck | None = None) -> Iterator[dict]:
         """OpenAI chat.completion.chunk dicts; the last one carries finish_reason and usage."""
         tokens, stop = self._tokens_for_chat(messages)
-        return self._stream("chat", tokens, sampling, stop)
+        return self._stream("chat", tokens, sampling, stop, should_stop)
 
-    def stream_text(self, prompt: str, sampling: dict) -> Iterator[dict]:
+    def stream_text(self, prompt: str, sampling: dict, should_stop: StopCheck | None = None) -> Iterator[dict]:
         """OpenAI text_completion chunks; the last one carries finish_reason and usage."""
-        return self._stream("text", self._tokens_for_text(prompt), sampling, [])
+        return self._stream("text", self._tokens_for_text(prompt), sampling, [], should_stop)
 
-    def _stream(self, kind: str, tokens: list[int], sampling: dict, stop: list[str]) -> Iterator[dict]:
+    def _stream(self, kind: str, tokens: list[int], sampling: dict, stop: list[str],
+                should_stop: StopCheck | None) -> Iterator[dict]:
         pieces = self._generate(tokens, sampling, stop, "messages" if kind == "chat" else "prompt")
-        return _openai_chunks(kind, self.settings.model_name, pieces, len(tokens), self.decode_rates.append)
+        return _openai_chunks(kind, self.settings.model_name, pieces, len(tokens), self.decode_rates.append,
+                              should_stop)
 
-    def chat(self, messages: list[dict], sampling: dict) -> dict:
-        return collect(self.stream_chat(messages, sampling))
+    def chat(self, messages: list[dict], sampling: dict, should_stop: StopCheck | None = None) -> dict:
+        return collect(self.stream_chat(messages, sampling, should_stop))
 
-    def complete(self, prompt: str, sampling: dict) -> dict:
-        return collect(self.stream_text(prompt, sampling))
+    def complete(self, prompt: str, sampling: dict, should_stop: StopCheck | None = None) -> dict:
+        return collect(self.stream_text(prompt, sampling, should_stop))
 
     def embed(self, inputs: list[str]) -> dict:
         if not self.settings.embedding:
@@ -193,7 +202,8 @@ def _pooled(vectors: list) -> list[float]:
 
 
 def _openai_chunks(
-    kind: str, model: str, pieces: Iterator[dict], prompt_tokens: int, on_decoded=None
+    kind: str, model: str, pieces: Iterator[dict], prompt_tokens: int, on_decoded=None,
+    should_stop: StopCheck | None = None,
 ) -> Iterator[dict]:
     created = int(time.time())
     if kind == "chat":
@@ -216,6 +226,14 @@ def _openai_chunks(
     completion_tokens, finish_reason = 0, "stop"
     first_token_at = None
     for piece in pieces:
+        verdict = should_stop() if should_stop is not None else None
+        if verdict == "cancelled":
+            pieces.close()  # frees llama.cpp's generator now
+            raise GenerationCancelled
+        if verdict == "length":
+            pieces.close()
+            finish_reason = "length"
+            break
         first_token_at = first_token_at or time.perf_counter()
         choice = piece["choices"][0]
         text = choice.get("text") or ""

@@ -18,11 +18,12 @@ from typing import Iterator
 import ray
 
 from orchestrator.core.estimate import GC_EVERY_REQUESTS  # the estimate allows for what this leaves
-from worker.engine import Engine, EngineSettings
+from worker.engine import Engine, EngineSettings, GenerationCancelled
 from worker.errors import RequestError
 
 SSE_DONE = b"data: [DONE]\n\n"
 FLUSH_INTERVAL_S = 0.05
+CANCELLED_KEPT_S = 600.0  # a cancel may arrive while its request still waits in the queue
 
 
 def sse(payload: dict) -> bytes:
@@ -30,7 +31,7 @@ def sse(payload: dict) -> bytes:
 
 
 class ModelReplicaImpl:
-    def __init__(self, replica_id: str, settings: dict) -> None:
+    def __init__(self, replica_id: str, settings: dict, limits: dict | None = None) -> None:
         self.replica_id = replica_id
         self.settings = EngineSettings(**settings)
         self.engine: Engine | None = None
@@ -38,8 +39,8 @@ class ModelReplicaImpl:
         self.reason: str | None = None
         self.lock = threading.Lock()
         self.served = 0
-        self.streaming: str | None = None  # request id of the stream running now
-        self.cancelled: str | None = None  # set when that stream's client went away
+        self.cancelled: dict[str, float] = {}  # request id -> when its client went away
+        self.generation_limit_s = float(limits.get("generation_limit_s", 600.0)) if limits else 600.0
 
     # ---- lifecycle -------------------------------------------------------------------
     def load(self) -> dict:
@@ -80,23 +81,43 @@ class ModelReplicaImpl:
             )
         return self.engine
 
-    def chat(self, messages: list[dict], sampling: dict) -> dict:
-        return self._whole(lambda e: e.chat(messages, sampling))
+    def chat(self, messages: list[dict], sampling: dict, request_id: str = "") -> dict:
+        return self._whole(lambda e, stop: e.chat(messages, sampling, stop), request_id)
 
-    def complete(self, prompt: str, sampling: dict) -> dict:
-        return self._whole(lambda e: e.complete(prompt, sampling))
+    def complete(self, prompt: str, sampling: dict, request_id: str = "") -> dict:
+        return self._whole(lambda e, stop: e.complete(prompt, sampling, stop), request_id)
 
-    def embed(self, inputs: list[str]) -> dict:
-        return self._whole(lambda e: e.embed(inputs))
+    def embed(self, inputs: list[str], request_id: str = "") -> dict:
+        return self._whole(lambda e, stop: e.embed(inputs), request_id)
 
-    def _whole(self, call) -> dict:
+    def _whole(self, call, request_id: str) -> dict:
         try:
             with self.lock:
-                result = call(self._ready_engine())
+                if self._was_cancelled(request_id):
+                    return {"error": _client_left()}
+                result = call(self._ready_engine(), self._stop_check(request_id))
                 self._served_one()
                 return result
         except RequestError as exc:
             return {"error": exc.as_dict()}
+        except GenerationCancelled:
+            return {"error": _client_left()}
+        finally:
+            self.cancelled.pop(request_id, None)
+
+    def _stop_check(self, request_id: str):
+        """Before each token: has the client left, or has the answer run past the time limit?"""
+        deadline = time.monotonic() + self.generation_limit_s
+
+        def check() -> str | None:
+            if request_id and request_id in self.cancelled:
+                return "cancelled"
+            return "length" if time.monotonic() > deadline else None
+
+        return check
+
+    def _was_cancelled(self, request_id: str) -> bool:
+        return bool(request_id) and request_id in self.cancelled
 
     def _served_one(self) -> None:
         self.served += 1
@@ -106,15 +127,19 @@ class ModelReplicaImpl:
             gc.collect()
 
     def stream_chat(self, messages: list[dict], sampling: dict, request_id: str = "") -> Iterator:
-        yield from self._stream(lambda e: e.stream_chat(messages, sampling), sampling, request_id)
+        yield from self._stream(lambda e, stop: e.stream_chat(messages, sampling, stop), sampling, request_id)
 
     def stream_text(self, prompt: str, sampling: dict, request_id: str = "") -> Iterator:
-        yield from self._stream(lambda e: e.stream_text(prompt, sampling), sampling, request_id)
+        yield from self._stream(lambda e, stop: e.stream_text(prompt, sampling, stop), sampling, request_id)
 
     def cancel(self, request_id: str) -> None:
-        """The client went away: stop generating for it at the next token (if it still runs)."""
-        if request_id and request_id == self.streaming:
-            self.cancelled = request_id
+        """The client went away: stop generating for it at the next token, or skip it if it
+        still waits its turn."""
+        if not request_id:
+            return
+        now = time.monotonic()
+        self.cancelled = {k: t for k, t in self.cancelled.items() if now - t < CANCELLED_KEPT_S}
+        self.cancelled[request_id] = now
 
     def _stream(self, start, sampling: dict, request_id: str) -> Iterator:
         """First item: {"error": ...} or b"" (accepted); then SSE bytes, ending with [DONE].
@@ -125,29 +150,32 @@ class ModelReplicaImpl:
         """
         with self.lock:
             try:
-                chunks = start(self._ready_engine())
-            except RequestError as exc:
-                yield {"error": exc.as_dict()}
-                return
-            yield b""
-            pending: list[bytes] = []
-            last_flush = None
-            self.streaming, self.cancelled = request_id, None
-            try:
-                for event, has_content in _sse_events(chunks, sampling.get("include_usage")):
-                    if self.cancelled == request_id:
-                        return
-                    pending.append(event)
-                    now = time.monotonic()
-                    if has_content and (last_flush is None or now - last_flush >= FLUSH_INTERVAL_S):
-                        yield b"".join(pending)
-                        pending.clear()
-                        last_flush = now
+                if self._was_cancelled(request_id):
+                    yield {"error": _client_left()}
+                    return
+                try:
+                    chunks = start(self._ready_engine(), self._stop_check(request_id))
+                except RequestError as exc:
+                    yield {"error": exc.as_dict()}
+                    return
+                yield b""
+                pending: list[bytes] = []
+                last_flush = None
+                try:
+                    for event, has_content in _sse_events(chunks, sampling.get("include_usage")):
+                        pending.append(event)
+                        now = time.monotonic()
+                        if has_content and (last_flush is None or now - last_flush >= FLUSH_INTERVAL_S):
+                            yield b"".join(pending)
+                            pending.clear()
+                            last_flush = now
+                except GenerationCancelled:
+                    return
+                pending.append(SSE_DONE)
+                yield b"".join(pending)
+                self._served_one()
             finally:
-                self.streaming = self.cancelled = None
-            pending.append(SSE_DONE)
-            yield b"".join(pending)
-            self._served_one()
+                self.cancelled.pop(request_id, None)
 
 
 def _sse_events(chunks: Iterator[dict], include_usage: bool) -> Iterator[tuple[bytes, bool]]:
@@ -163,6 +191,11 @@ def _sse_events(chunks: Iterator[dict], include_usage: bool) -> Iterator[tuple[b
         choice = chunk["choices"][0] if chunk["choices"] else {}
         text = (choice.get("delta") or {}).get("content") if "delta" in choice else choice.get("text")
         yield sse(chunk), bool(text)
+
+
+def _client_left() -> dict:
+    return RequestError("the client closed the connection before the answer was ready", status=499,
+                        code="client_closed_request").as_dict()
 
 
 def _load_failure_reason(path: str, exc: Exception) -> str:

@@ -6,6 +6,7 @@ router reads it. Every error is OpenAI-shaped (gateway/errors.py).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import ipaddress
 import json
@@ -30,6 +31,7 @@ from orchestrator.gateway.schemas import ChatCompletionRequest, CompletionReques
 from worker.errors import RequestError
 
 log = logging.getLogger(__name__)
+DISCONNECT_POLL_S = 0.5  # how often a non-streamed request checks that its client is still there
 PUBLIC_PATHS = {"/", "/healthz", "/readyz", "/favicon.ico"}
 
 
@@ -86,6 +88,34 @@ class Router:
                 node.requests_served += 1
 
 
+async def _awaited(ref):
+    return await ref
+
+
+class ApiKeyOffLoopback:
+    """Asks for the API key on every address but loopback. A plain ASGI middleware: Starlette's
+    BaseHTTPMiddleware would hide the client's disconnect from the endpoints behind it."""
+
+    def __init__(self, app, api_key: str | None) -> None:
+        self.app = app
+        self.api_key = api_key
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["path"] in PUBLIC_PATHS or _is_loopback((scope.get("client") or (None,))[0]):
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        scheme, _, sent = headers.get(b"authorization", b"").decode("latin-1").strip().partition(" ")
+        sent = sent.strip() if scheme.lower() == "bearer" else ""
+        if not self.api_key:
+            message = "This gateway serves loopback only: set HOMEFLEET_API_KEY (or gateway.api_key) to admit other addresses."
+        elif not secrets.compare_digest(sent.encode(), self.api_key.encode()):
+            message = "Incorrect API key provided: send 'Authorization: Bearer <HOMEFLEET_API_KEY>'."
+        else:
+            return await self.app(scope, receive, send)
+        response = JSONResponse(status_code=401, content=error_body(message, "invalid_request_error", None, "invalid_api_key"))
+        await response(scope, receive, send)
+
+
 def _node_headers(replica: ReplicaRecord) -> dict[str, str]:
     return {"x-homefleet-node": replica.node_name, "x-homefleet-replica": replica.replica_id}
 
@@ -97,19 +127,7 @@ def create_app(controller: Controller, config: HomefleetConfig, api_key: str | N
     api_key = api_key or config.gateway.api_key
     dashboard_html = resources.files("orchestrator.gateway").joinpath("dashboard.html")
 
-    @app.middleware("http")
-    async def require_key_off_loopback(request: Request, call_next):
-        if request.url.path in PUBLIC_PATHS or _is_loopback(request.client.host if request.client else None):
-            return await call_next(request)
-        scheme, _, sent = request.headers.get("authorization", "").strip().partition(" ")
-        sent = sent.strip() if scheme.lower() == "bearer" else ""
-        if not api_key:
-            message = "This gateway serves loopback only: set HOMEFLEET_API_KEY (or gateway.api_key) to admit other addresses."
-            return JSONResponse(status_code=401, content=error_body(message, "invalid_request_error", None, "invalid_api_key"))
-        if not secrets.compare_digest(sent.encode(), api_key.encode()):
-            message = "Incorrect API key provided: send 'Authorization: Bearer <HOMEFLEET_API_KEY>'."
-            return JSONResponse(status_code=401, content=error_body(message, "invalid_request_error", None, "invalid_api_key"))
-        return await call_next(request)
+    app.add_middleware(ApiKeyOffLoopback, api_key=api_key)
 
     async def _replica_failed(replica: ReplicaRecord, exc: Exception) -> RequestError:
         """The replica broke under a request: log the detail, tell the client briefly."""
@@ -122,10 +140,19 @@ def create_app(controller: Controller, config: HomefleetConfig, api_key: str | N
             type="server_error",
         )
 
-    async def _whole(replica: ReplicaRecord, start) -> JSONResponse:
+    async def _whole(replica: ReplicaRecord, start, request: Request) -> JSONResponse:
+        """A non-streamed answer; a client that leaves meanwhile cancels it at its next token."""
         served = False
+        request_id = uuid.uuid4().hex
         try:
-            result = await start()
+            pending = asyncio.ensure_future(_awaited(start(request_id)))
+            while not pending.done():
+                await asyncio.wait({pending}, timeout=DISCONNECT_POLL_S)
+                if not pending.done() and await request.is_disconnected():
+                    replica.handle.cancel.remote(request_id)
+                    await asyncio.wait({pending}, timeout=DISCONNECT_POLL_S)
+                    break
+            result = await pending
             if "error" in result:
                 return error_response(RequestError.from_dict(result["error"]))
             served = True
@@ -164,7 +191,7 @@ def create_app(controller: Controller, config: HomefleetConfig, api_key: str | N
         return StreamingResponse(forward(), media_type="text/event-stream", headers=headers)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest):
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
         replica = router.acquire(body.model)
         messages, sampling = body.engine_messages(), body.sampling()
         if body.stream:
@@ -172,10 +199,10 @@ def create_app(controller: Controller, config: HomefleetConfig, api_key: str | N
             return await _stream(
                 replica, lambda: replica.handle.stream_chat.remote(messages, sampling, request_id), request_id
             )
-        return await _whole(replica, lambda: replica.handle.chat.remote(messages, sampling))
+        return await _whole(replica, lambda rid: replica.handle.chat.remote(messages, sampling, rid), request)
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest):
+    async def completions(body: CompletionRequest, request: Request):
         replica = router.acquire(body.model)
         sampling = body.sampling()
         if body.stream:
@@ -183,12 +210,12 @@ def create_app(controller: Controller, config: HomefleetConfig, api_key: str | N
             return await _stream(
                 replica, lambda: replica.handle.stream_text.remote(body.prompt, sampling, request_id), request_id
             )
-        return await _whole(replica, lambda: replica.handle.complete.remote(body.prompt, sampling))
+        return await _whole(replica, lambda rid: replica.handle.complete.remote(body.prompt, sampling, rid), request)
 
     @app.post("/v1/embeddings")
-    async def embeddings(body: EmbeddingRequest):
+    async def embeddings(body: EmbeddingRequest, request: Request):
         replica = router.acquire(body.model)
-        response = await _whole(replica, lambda: replica.handle.embed.remote(body.inputs()))
+        response = await _whole(replica, lambda rid: replica.handle.embed.remote(body.inputs(), rid), request)
         if body.encoding_format == "base64" and response.status_code == 200:
             result = json.loads(response.body)
             for item in result["data"]:

@@ -13,8 +13,8 @@ Each side is its own process, as on real nodes: the source is a Python process r
 worker.file_server.FileServer over a worker.store.ModelStore with a bearer key (as a
 node's agent does), the target a Python process running worker.transfer.Transfer into a
 fresh ModelStore with the expected sha256 (so it hashes and verifies as in the product).
-The copy is deleted (and the page cache written back) after every run, so each run writes
-the whole file. Timing of the homefleet receiver is taken inside its process around
+Every run writes the whole file: what the runs before wrote is deleted (and the page cache
+written back) just before it starts. Timing of the homefleet receiver is taken inside its process around
 `Transfer.run()` (an agent is already running when it copies); the figures for the whole
 process, Python start-up and imports included, are reported beside it.
 
@@ -97,6 +97,10 @@ def role_receive(root: str, url: str, sha256: str, size: int) -> int:
                         sources=(Source("bench-source", url, {"Authorization": f"Bearer {key}"}, "copy"),),
                         sha256=sha256, size_bytes=size)
     transfer = Transfer(store, spec)
+    # Started and imported: wait for "go", so that the parent clears the last run's bytes just before.
+    print(json.dumps({"ready": True}), flush=True)
+    if sys.stdin.readline().strip() != "go":
+        return 1
     ru0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     stored = transfer.run()
     t1, ru1 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
@@ -294,33 +298,46 @@ def start_nginx(prefix: list[str], probe_prefix: list[str], root: Path, host: st
 
 
 # ---- one copy each way ------------------------------------------------------------------
-def _drop(path: Path) -> None:
-    """Remove what a run wrote, and write back the page cache, so runs start alike."""
-    if path.is_dir():
-        for entry in path.iterdir():
-            entry.unlink()
-    else:
-        path.unlink(missing_ok=True)
+def _clear(dirs: list[Path]) -> None:
+    """Remove what earlier runs wrote and write the page cache back, just before a run, so runs
+    start alike. (Just before, not just after: on a VM that hands freed guest memory back to
+    the host, pages freed seconds earlier cost a host fault each when written again.)"""
+    for d in dirs:
+        if d.is_dir():
+            for entry in d.iterdir():
+                entry.unlink()
     os.sync()
 
 
-def run_homefleet(prefix: list[str], server: Server, target_root: Path, sha256: str, size: int, key: str) -> dict:
+def run_homefleet(prefix: list[str], server: Server, target_root: Path, sha256: str, size: int, key: str,
+                  clear: list[Path]) -> dict:
     target_root.mkdir(parents=True, exist_ok=True)
     cmd = [*prefix, sys.executable, "-m", "tests.bench.copy_bench", "--role", "receive", "--root", str(target_root),
            "--url", server.url, "--sha256", sha256, "--size", str(size)]
-    sender0 = server.cpu_s()
     ru0, t0 = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
-    out = subprocess.run(cmd, cwd=REPO, env={**_env(), "HF_COPY_BENCH_KEY": key}, capture_output=True, text=True,
-                         timeout=COPY_TIMEOUT_S)
-    t1, ru1 = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
-    sender1 = server.cpu_s()
-    if out.returncode != 0:
-        raise RuntimeError(f"receiver exited {out.returncode}: {out.stderr[-3000:]}")
-    got = json.loads(out.stdout.strip().splitlines()[-1])
+    popen = subprocess.Popen(cmd, cwd=REPO, env={**_env(), "HF_COPY_BENCH_KEY": key}, stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        ready = popen.stdout.readline()
+        startup_s = time.perf_counter() - t0
+        if not ready.strip():
+            raise RuntimeError(f"receiver exited {popen.wait()} before it was ready: {popen.stderr.read()[-3000:]}")
+        _clear(clear)
+        sender0 = server.cpu_s()
+        t1 = time.perf_counter()
+        stdout, stderr = popen.communicate("go\n", timeout=COPY_TIMEOUT_S)
+        t2, ru1 = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
+        sender1 = server.cpu_s()
+    finally:
+        if popen.poll() is None:
+            popen.kill()
+            popen.wait()
+    if popen.returncode != 0:
+        raise RuntimeError(f"receiver exited {popen.returncode}: {stderr[-3000:]}")
+    got = json.loads(stdout.strip().splitlines()[-1])
     copied = target_root / FILE_NAME
     assert copied.is_file() and copied.stat().st_size == size, f"{copied}: missing or not {size} bytes"
     assert got["sha256"] == sha256 and got["size_bytes"] == size
-    _drop(target_root)
     return {
         "wall_s": round(got["wall_s"], 4),
         "mib_s": round(size / MIB / got["wall_s"], 1),
@@ -328,17 +345,19 @@ def run_homefleet(prefix: list[str], server: Server, target_root: Path, sha256: 
         "receiver_user_s": round(got["user_s"], 3),
         "receiver_sys_s": round(got["sys_s"], 3),
         "sender_cpu_s": round(sender1 - sender0, 3),
-        "process_wall_s": round(t1 - t0, 4),
-        "process_mib_s": round(size / MIB / (t1 - t0), 1),
+        "process_startup_s": round(startup_s, 4),
+        "process_wall_s": round(startup_s + t2 - t1, 4),
+        "process_mib_s": round(size / MIB / (startup_s + t2 - t1), 1),
         "process_cpu_s": round(_cpu_s(ru1) - _cpu_s(ru0), 3),
         "sha256_ok": True,
         "size_ok": True,
     }
 
 
-def run_curl(prefix: list[str], server: Server, out_dir: Path, size: int) -> dict:
+def run_curl(prefix: list[str], server: Server, out_dir: Path, size: int, clear: list[Path]) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     out_path = out_dir / FILE_NAME
+    _clear(clear)
     sender0 = server.cpu_s()
     ru0, t0 = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
     out = subprocess.run([*prefix, "curl", "-s", "-o", str(out_path), server.url], env=_env(),
@@ -349,7 +368,6 @@ def run_curl(prefix: list[str], server: Server, out_dir: Path, size: int) -> dic
         raise RuntimeError(f"curl exited {out.returncode}: {out.stderr[-2000:]}")
     got = out_path.stat().st_size if out_path.exists() else None
     assert got == size, f"curl wrote {got} bytes, expected {size}"
-    _drop(out_dir)
     return {
         "wall_s": round(t1 - t0, 4),
         "mib_s": round(size / MIB / (t1 - t0), 1),
@@ -384,24 +402,27 @@ def scenario(name: str, work: Path, source_root: Path, sha256: str, size: int, r
         else:
             nginx_note = "nginx not found (shutil.which('nginx') is None): only the FileServer-based curl figure"
         results: dict[str, list[dict]] = {"homefleet": [], "curl_fileserver": [], "curl_nginx": []}
+        target, curl_out = work / f"{name}-target-store", work / f"{name}-curl-out"
+        outputs = [target, curl_out]
         for i in range(runs):
             say(f"[{name}] run {i + 1}/{runs}: homefleet ...")
-            r = run_homefleet(client_prefix, keyed, work / "target-store", sha256, size, key)
+            r = run_homefleet(client_prefix, keyed, target, sha256, size, key, outputs)
             say(f"[{name}]   homefleet       {r['mib_s']:8.1f} MiB/s  recv cpu {r['receiver_cpu_s']:.2f} s"
                 f"  send cpu {r['sender_cpu_s']:.2f} s")
             results["homefleet"].append(r)
-            r = run_curl(client_prefix, static, work / "curl-out", size)
+            r = run_curl(client_prefix, static, curl_out, size, outputs)
             say(f"[{name}]   curl fileserver {r['mib_s']:8.1f} MiB/s  recv cpu {r['receiver_cpu_s']:.2f} s"
                 f"  send cpu {r['sender_cpu_s']:.2f} s")
             results["curl_fileserver"].append(r)
             if nginx is not None:
-                r = run_curl(client_prefix, nginx, work / "curl-out", size)
+                r = run_curl(client_prefix, nginx, curl_out, size, outputs)
                 say(f"[{name}]   curl nginx      {r['mib_s']:8.1f} MiB/s  recv cpu {r['receiver_cpu_s']:.2f} s"
                     f"  send cpu {r['sender_cpu_s']:.2f} s")
                 results["curl_nginx"].append(r)
     finally:
         for server in reversed(servers):
             server.stop()
+        _clear([work / f"{name}-target-store", work / f"{name}-curl-out"])
     hf = summarize(results["homefleet"])
     out: dict = {"source_address": host, "homefleet": hf, "curl_fileserver": summarize(results["curl_fileserver"])}
     out["curl_nginx"] = summarize(results["curl_nginx"]) if results["curl_nginx"] else {"skipped": nginx_note}

@@ -240,6 +240,26 @@ def test_a_client_that_leaves_mid_stream_frees_the_model_at_once(server):
     assert waited < 8, f"the next request waited {waited:.1f}s behind an abandoned stream"
 
 
+def test_a_non_streamed_request_whose_client_leaves_stops_at_its_next_token(server):
+    # Counting on, greedily: the model does not reach an end of text within 900 tokens.
+    long = {"model": GEMMA, "prompt": "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,", "max_tokens": 900, "temperature": 0}
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up after 2 s and closes the connection
+        httpx.post(f"{server.url}/v1/completions", json=long, timeout=httpx.Timeout(120, read=2))
+    left = time.monotonic()
+    in_flight = None
+    while time.monotonic() - left < 8:
+        model = next(m for m in server.cluster()["models"] if m["name"] == GEMMA)
+        in_flight = sum(r["in_flight"] for r in model["replicas"])
+        if in_flight == 0:
+            break
+        time.sleep(0.2)
+    # 900 tokens hold this model for 15 s or more here; cancelled, it is free within a poll or two.
+    assert in_flight == 0, f"still generating for a client that left {time.monotonic() - left:.1f}s ago"
+    reply = httpx.post(f"{server.url}/v1/chat/completions", timeout=60,
+                       json={"model": GEMMA, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3})
+    assert reply.status_code == 200
+
+
 def test_model_still_serves_after_bad_requests(client):
     reply = client.chat.completions.create(model=GEMMA, messages=[{"role": "user", "content": "ok?"}], max_tokens=3)
     assert reply.choices[0].message.content is not None
