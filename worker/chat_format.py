@@ -1,92 +1,68 @@
-"""How chat messages become a prompt: the GGUF's own template, else the configured
-format, else the architecture's usual one (Gemma's turns for gemma3, ChatML for qwen2)."""
+"""Which chat template a loaded model uses: the GGUF's own, else the family fallback for
+the configured `chat_format` or the architecture (worker/fallback_templates.py), else one
+of llama-cpp-python's named formats (e.g. `llama-2`), adapted the same way."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
+from collections.abc import Sequence
 
-# Usual chat format of an architecture when its GGUF carries no template.
-ARCHITECTURE_FORMATS = {
-    "gemma": "gemma",
-    "gemma2": "gemma",
-    "gemma3": "gemma",
-    "gemma3n": "gemma",
-    "qwen2": "chatml",
-    "qwen2moe": "chatml",
-    "qwen3": "chatml",
-    "qwen3moe": "chatml",
-    "llama": "llama-2",
-    "mistral": "mistral-instruct",
-    "phi3": "chatml",
-    "falcon": "chatml",
-    "mpt": "chatml",
-    "deepseek2": "chatml",
-}
+from worker.chat_template import (
+    ChatTemplate,
+    RenderedPrompt,
+    TemplateCaps,
+    TemplateError,
+    adapt,
+    fallback_template,
+    family_for,
+)
+
+# Architectures without a family of ours: llama-cpp-python's named format.
+LEGACY_ARCHITECTURE_FORMATS = {"llama": "llama-2"}
 
 
-@dataclass(frozen=True)
-class FormattedPrompt:
-    prompt: str
-    stop: list[str]
-    add_bos: bool
+class NamedFormat:
+    """A llama-cpp-python `format_*` function behind the ChatTemplate interface: it knows
+    system, user and assistant turns; tools and tool turns are adapted into them."""
+
+    caps = TemplateCaps(system=True, tools=False, tool_calls=False, tool_results=False, developer=False)
+    tool_format = "json"
+
+    def __init__(self, name: str) -> None:
+        from llama_cpp import llama_chat_format
+
+        candidates = (f"format_{name}", f"format_{name.replace('-', '_')}", f"format_{name.replace('-', '')}")
+        fn = next((getattr(llama_chat_format, c) for c in candidates if hasattr(llama_chat_format, c)), None)
+        if fn is None:
+            raise ValueError(f"unknown chat_format {name!r}")
+        self.name = name
+        self._fn = fn
+
+    def render(self, messages: Sequence[dict], tools: Sequence[dict] | None = None,
+               add_generation_prompt: bool = True) -> RenderedPrompt:
+        adapted, _ = adapt(list(messages), tools, self.caps)
+        try:
+            result = self._fn(messages=adapted)
+        except Exception as exc:
+            raise TemplateError(str(exc)) from None
+        from worker.chat_template import _user_spans
+
+        return RenderedPrompt(result.prompt, _user_spans(result.prompt, adapted), add_bos=not result.added_special)
 
 
-@dataclass(frozen=True)
-class ChatFormatter:
-    name: str
-    format_fn: Callable[[list[dict]], FormattedPrompt]
-
-    def format(self, messages: list[dict]) -> FormattedPrompt:
-        return self.format_fn(messages)
-
-
-def _stops(value) -> list[str]:
-    if value is None:
-        return []
-    return [value] if isinstance(value, str) else list(value)
-
-
-def _from_template(llama, template: str) -> ChatFormatter:
-    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
-    def token_text(token_id: int) -> str:
-        if token_id < 0:
-            return ""
-        return llama._model.token_get_text(token_id)
-
-    eos_id, bos_id = llama.token_eos(), llama.token_bos()
-    jinja = Jinja2ChatFormatter(
-        template=template, eos_token=token_text(eos_id), bos_token=token_text(bos_id), stop_token_ids=[eos_id]
-    )
-
-    def fmt(messages: list[dict]) -> FormattedPrompt:
-        result = jinja(messages=messages)
-        return FormattedPrompt(result.prompt, _stops(result.stop), add_bos=not result.added_special)
-
-    return ChatFormatter("gguf-template", fmt)
-
-
-def _named(name: str) -> ChatFormatter:
-    from llama_cpp import llama_chat_format
-
-    candidates = (f"format_{name}", f"format_{name.replace('-', '_')}", f"format_{name.replace('-', '')}")
-    fn = next((getattr(llama_chat_format, c) for c in candidates if hasattr(llama_chat_format, c)), None)
-    if fn is None:
-        raise ValueError(f"unknown chat_format {name!r}")
-
-    def fmt(messages: list[dict]) -> FormattedPrompt:
-        result = fn(messages=messages)
-        return FormattedPrompt(result.prompt, _stops(result.stop), add_bos=not result.added_special)
-
-    return ChatFormatter(name, fmt)
-
-
-def choose_formatter(llama, configured: str | None) -> ChatFormatter:
-    template = llama.metadata.get("tokenizer.chat_template")
+def choose_formatter(llama, configured: str | None):
+    metadata = llama.metadata
+    bos, eos = _token_text(llama, llama.token_bos()), _token_text(llama, llama.token_eos())
+    template = metadata.get("tokenizer.chat_template")
     if template:
-        return _from_template(llama, template)
-    if configured:
-        return _named(configured)
-    arch = llama.metadata.get("general.architecture", "")
-    return _named(ARCHITECTURE_FORMATS.get(arch, "chatml"))
+        return ChatTemplate(template, bos, eos)
+    architecture = metadata.get("general.architecture", "")
+    family = family_for(configured, architecture)
+    if family is not None:
+        return fallback_template(family, bos, eos)
+    return NamedFormat(configured or LEGACY_ARCHITECTURE_FORMATS.get(architecture, "chatml"))
+
+
+def _token_text(llama, token_id: int) -> str:
+    if token_id < 0:
+        return ""
+    return llama._model.token_get_text(token_id)

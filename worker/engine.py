@@ -12,25 +12,23 @@ import logging
 import os
 import statistics
 import time
-import uuid
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
-from worker.chat_format import ChatFormatter, choose_formatter
+from worker.chat_format import choose_formatter
+from worker.chat_template import TemplateError, tokenize_prompt
+from worker.chunks import ChunkShaper, collect
 from worker.errors import RequestError, context_length_exceeded
+from worker.generation import GenerationCancelled, Outcome, SamplingParams, StopCheck, generate
+from worker.structured import json_grammar
+from worker.tool_calls import ToolCallStream, forced_call_grammar, tool_names
 from worker.memory_use import measure_process_memory
 
 log = logging.getLogger(__name__)
 
 KV_TYPES = {"f16": 1, "q8_0": 8, "q4_0": 2}  # ggml type ids
-# Asked before each token: None to go on, "length" to end the answer there (a time limit),
-# "cancelled" to drop it (the client left).
-StopCheck = Callable[[], str | None]
-
-
-class GenerationCancelled(Exception):
-    """The client left; nothing more is generated for it."""
+__all__ = ["Engine", "EngineSettings", "GenerationCancelled", "StopCheck"]
 
 
 @dataclass(frozen=True)
@@ -81,7 +79,7 @@ class Engine:
         self.llama = llama_cpp.Llama(**kwargs)
         self.load_seconds = time.perf_counter() - started
         self.architecture = self.llama.metadata.get("general.architecture", "unknown")
-        self.formatter: ChatFormatter = choose_formatter(self.llama, settings.chat_format)
+        self.formatter = choose_formatter(self.llama, settings.chat_format)
         self.n_ctx = self.llama.n_ctx()
         self._nvml = None
         self.decode_rates: deque[float] = deque(maxlen=8)  # tokens/s of recent requests
@@ -106,15 +104,14 @@ class Engine:
         return measure_process_memory(os.getpid(), self._nvml)
 
     # ---- prompts -----------------------------------------------------------------------
-    def _tokens_for_chat(self, messages: list[dict]) -> tuple[list[int], list[str]]:
+    def _tokens_for_chat(self, messages: list[dict], tools: list[dict] | None) -> list[int]:
         try:
-            formatted = self.formatter.format(messages)
-        except Exception as exc:  # the chat template refused the conversation (e.g. roles must alternate)
+            rendered = self.formatter.render(messages, tools)
+        except TemplateError as exc:  # the template refused the conversation (e.g. roles must alternate)
             raise RequestError(
                 f"model '{self.settings.model_name}' cannot format these messages: {exc}", param="messages"
             ) from None
-        tokens = self.llama.tokenize(formatted.prompt.encode("utf-8"), add_bos=formatted.add_bos, special=True)
-        return tokens, formatted.stop
+        return tokenize_prompt(self.llama, rendered)
 
     def _tokens_for_text(self, prompt: str) -> list[int]:
         return self.llama.tokenize(prompt.encode("utf-8"), add_bos=True, special=False)
@@ -126,39 +123,67 @@ class Engine:
             raise context_length_exceeded(prompt_tokens, max_tokens, self.n_ctx, param)
         return room if max_tokens is None else max_tokens
 
-    # ---- generation --------------------------------------------------------------------
-    def _generate(self, tokens: list[int], sampling: dict, extra_stop: list[str], param: str) -> Iterator[dict]:
-        max_tokens = self._check_fits(len(tokens), sampling.get("max_tokens"), param)
-        stop = list(sampling.get("stop") or []) + list(extra_stop)
-        seed = sampling.get("seed")
-        if seed is not None:
-            self.llama.set_seed(int(seed))
-        return self.llama.create_completion(
-            prompt=tokens,
-            max_tokens=max_tokens,
+    def _params(self, tokens: list[int], sampling: dict, param: str, logprobs: int | None) -> SamplingParams:
+        return SamplingParams(
+            max_tokens=self._check_fits(len(tokens), sampling.get("max_tokens"), param),
             temperature=sampling.get("temperature", 0.8),
             top_p=sampling.get("top_p", 0.95),
-            stop=stop or None,
-            presence_penalty=sampling.get("presence_penalty", 0.0),
-            frequency_penalty=sampling.get("frequency_penalty", 0.0),
-            seed=seed,
-            stream=True,
+            presence_penalty=sampling.get("presence_penalty") or 0.0,
+            frequency_penalty=sampling.get("frequency_penalty") or 0.0,
+            seed=sampling.get("seed"),
+            stop=tuple(sampling.get("stop") or ()),
+            logprobs=logprobs,
         )
 
+    # ---- generation --------------------------------------------------------------------
     def stream_chat(self, messages: list[dict], sampling: dict, should_stop: StopCheck | None = None) -> Iterator[dict]:
         """OpenAI chat.completion.chunk dicts; the last one carries finish_reason and usage."""
-        tokens, stop = self._tokens_for_chat(messages)
-        return self._stream("chat", tokens, sampling, stop, should_stop)
+        tools = sampling.get("tools") or None
+        tool_choice = sampling.get("tool_choice") or ("auto" if tools else None)
+        if tool_choice == "none":
+            tools = None
+        grammar = json_grammar(sampling.get("response_format"))
+        forced = bool(tools) and (tool_choice == "required" or isinstance(tool_choice, dict))
+        if forced:
+            if grammar is not None:
+                raise RequestError("response_format cannot be combined with a required tool call",
+                                   param="response_format")
+            grammar = forced_call_grammar(tools, tool_choice)
+        tokens = self._tokens_for_chat(messages, tools)
+        logprobs = (sampling.get("top_logprobs") or 0) if sampling.get("logprobs") else None
+        params = self._params(tokens, sampling, "messages", logprobs)
+        calls = ToolCallStream(self.formatter.tool_format, tool_names(tools), forced) if tools else None
+        return self._chunks("chat", tokens, params, grammar, should_stop, calls)
 
     def stream_text(self, prompt: str, sampling: dict, should_stop: StopCheck | None = None) -> Iterator[dict]:
         """OpenAI text_completion chunks; the last one carries finish_reason and usage."""
-        return self._stream("text", self._tokens_for_text(prompt), sampling, [], should_stop)
+        tokens = self._tokens_for_text(prompt)
+        params = self._params(tokens, sampling, "prompt", sampling.get("logprobs"))
+        return self._chunks("text", tokens, params, None, should_stop, None)
 
-    def _stream(self, kind: str, tokens: list[int], sampling: dict, stop: list[str],
-                should_stop: StopCheck | None) -> Iterator[dict]:
-        pieces = self._generate(tokens, sampling, stop, "messages" if kind == "chat" else "prompt")
-        return _openai_chunks(kind, self.settings.model_name, pieces, len(tokens), self.decode_rates.append,
-                              should_stop)
+    def _chunks(self, kind: str, tokens: list[int], params: SamplingParams, grammar, should_stop,
+                calls: ToolCallStream | None) -> Iterator[dict]:
+        shaper = ChunkShaper(kind, self.settings.model_name, with_logprobs=params.logprobs is not None)
+        outcome = Outcome()
+        started = time.perf_counter()
+        yield from shaper.opening()
+        for piece in generate(self.llama, tokens, params, grammar, should_stop, outcome):
+            text = calls.feed(piece.text) if calls is not None else piece.text
+            chunk = shaper.content(text, piece.logprobs)
+            if chunk is not None:
+                yield chunk
+        finish_reason = outcome.finish_reason
+        if calls is not None:
+            rest, found = calls.finish()
+            if rest:
+                yield shaper.content(rest, [])
+            if found:
+                yield from shaper.tool_calls(found)
+                finish_reason = "tool_calls"
+        elapsed = time.perf_counter() - started
+        if outcome.completion_tokens > 8 and elapsed > 0:
+            self.decode_rates.append(outcome.completion_tokens / elapsed)
+        yield shaper.closing(finish_reason, len(tokens), outcome.completion_tokens)
 
     def chat(self, messages: list[dict], sampling: dict, should_stop: StopCheck | None = None) -> dict:
         return collect(self.stream_chat(messages, sampling, should_stop))
@@ -201,79 +226,3 @@ def _pooled(vectors: list) -> list[float]:
     return vectors
 
 
-def _openai_chunks(
-    kind: str, model: str, pieces: Iterator[dict], prompt_tokens: int, on_decoded=None,
-    should_stop: StopCheck | None = None,
-) -> Iterator[dict]:
-    created = int(time.time())
-    if kind == "chat":
-        ident, obj = f"chatcmpl-{uuid.uuid4().hex[:24]}", "chat.completion.chunk"
-    else:
-        ident, obj = f"cmpl-{uuid.uuid4().hex[:24]}", "text_completion"
-
-    def chunk(delta_or_text, finish_reason=None, usage=None) -> dict:
-        if kind == "chat":
-            choice = {"index": 0, "delta": delta_or_text, "logprobs": None, "finish_reason": finish_reason}
-        else:
-            choice = {"index": 0, "text": delta_or_text, "logprobs": None, "finish_reason": finish_reason}
-        out = {"id": ident, "object": obj, "created": created, "model": model, "choices": [choice]}
-        if usage is not None:
-            out["usage"] = usage
-        return out
-
-    if kind == "chat":
-        yield chunk({"role": "assistant", "content": ""})
-    completion_tokens, finish_reason = 0, "stop"
-    first_token_at = None
-    for piece in pieces:
-        verdict = should_stop() if should_stop is not None else None
-        if verdict == "cancelled":
-            pieces.close()  # frees llama.cpp's generator now
-            raise GenerationCancelled
-        if verdict == "length":
-            pieces.close()
-            finish_reason = "length"
-            break
-        first_token_at = first_token_at or time.perf_counter()
-        choice = piece["choices"][0]
-        text = choice.get("text") or ""
-        if choice.get("finish_reason") is None or text:
-            completion_tokens += 1
-        if text:
-            yield chunk({"content": text} if kind == "chat" else text)
-        if choice.get("finish_reason"):
-            finish_reason = choice["finish_reason"]
-    if on_decoded is not None and first_token_at is not None and completion_tokens > 8:
-        on_decoded((completion_tokens - 1) / (time.perf_counter() - first_token_at))
-    usage = {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-    }
-    yield chunk({} if kind == "chat" else "", finish_reason=finish_reason, usage=usage)
-
-
-def collect(chunks: Iterator[dict]) -> dict:
-    """A whole (non-streamed) OpenAI response from the chunks of a stream."""
-    parts, first, last = [], None, None
-    for c in chunks:
-        first = first or c
-        last = c
-        choice = c["choices"][0]
-        parts.append(choice["delta"].get("content") or "" if "delta" in choice else choice.get("text") or "")
-    text = "".join(parts)
-    finish = last["choices"][0]["finish_reason"]
-    if first["object"] == "chat.completion.chunk":
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": finish}
-        obj = "chat.completion"
-    else:
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
-        obj = "text_completion"
-    return {
-        "id": first["id"],
-        "object": obj,
-        "created": first["created"],
-        "model": first["model"],
-        "choices": [choice],
-        "usage": last.get("usage"),
-    }

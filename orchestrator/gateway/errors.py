@@ -1,4 +1,9 @@
-"""OpenAI-shaped errors: `{"error": {"message", "type", "param", "code"}}` with the right status."""
+"""OpenAI-shaped errors: `{"error": {"message", "type", "param", "code"}}` with the right status.
+
+A request that fails validation is a 400 (never FastAPI's 422) naming the parameter, with
+OpenAI's codes: `missing_required_parameter`, `unknown_parameter`, `invalid_value`,
+`unsupported_parameter`, `unsupported_value`, `invalid_json`.
+"""
 
 from __future__ import annotations
 
@@ -9,15 +14,22 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from orchestrator.gateway.request_model import ERROR_CODES
 from worker.errors import RequestError
-
-
-def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
-
 
 log = logging.getLogger(__name__)
 RETRY_AFTER_S = "2"
+# pydantic's names for the branch of a union it tried: not fields.
+BASIC_TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}
+
+
+def _text(value: str | None) -> str | None:
+    """Error text can quote what a client sent: keep it encodable (lone surrogates become '?')."""
+    return None if value is None else value.encode("utf-8", "replace").decode("utf-8")
+
+
+def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": _text(message), "type": type_, "param": _text(param), "code": code}}
 
 
 def error_response(exc: RequestError) -> JSONResponse:
@@ -31,39 +43,54 @@ def error_response(exc: RequestError) -> JSONResponse:
     )
 
 
-def _param_of(loc: tuple) -> str | None:
-    # pydantic names the union branch it tried ("str", "list[ContentPart]"): not a field.
-    parts = [str(p) for p in loc if p != "body" and not _is_type_tag(p)]
+def param_of(loc: tuple) -> str | None:
+    """`messages[0].content[1].text` from pydantic's location, without its union tags."""
     out = ""
-    for part in parts:
+    for part in loc:
+        if part == "body" or _is_type_tag(part):
+            continue
+        part = str(part)
         out += f"[{part}]" if part.isdigit() else (f".{part}" if out else part)
     return out or None
 
 
 def _is_type_tag(part) -> bool:
-    return isinstance(part, str) and (part in {"str", "int", "float", "bool", "dict", "list"} or "[" in part)
+    # "str", "list[str]", "literal['auto','none']", or a class name (our unions are tagged by class).
+    return isinstance(part, str) and (part in BASIC_TYPE_TAGS or "[" in part or part[:1].isupper())
+
+
+def _most_specific(errors: list[dict]) -> dict:
+    """Of the errors of a union's branches, the one that got deepest into the value says most."""
+    return max(errors, key=lambda e: len([p for p in e.get("loc", ()) if not _is_type_tag(p)]))
+
+
+def validation_error_body(errors: list[dict]) -> dict:
+    if not errors:
+        return error_body("The request is invalid.", "invalid_request_error", None, "invalid_value")
+    first = _most_specific(errors)
+    kind = first.get("type", "")
+    ctx = first.get("ctx") or {}
+    if kind == "json_invalid":
+        message = "We could not parse the JSON body of your request: " + str(ctx.get("error", "invalid JSON"))
+        return error_body(message, "invalid_request_error", None, "invalid_json")
+    param = ctx.get("param") or param_of(tuple(first.get("loc", ())))
+    if kind in ERROR_CODES:
+        message, code = first.get("msg", "invalid"), kind
+    elif kind == "missing" and param is None:
+        message, code = "The request needs a JSON body.", "missing_required_parameter"
+    elif kind == "missing":
+        message, code = f"Missing required parameter: '{param}'.", "missing_required_parameter"
+    elif kind == "extra_forbidden":
+        message, code = f"Unrecognized request argument supplied: '{param}'.", "unknown_parameter"
+    elif kind == "model_attributes_type" and param is None:
+        message, code = "The request body must be a JSON object.", "invalid_type"
+    else:
+        message, code = f"Invalid value for '{param}': {first.get('msg', 'invalid')}.", "invalid_value"
+    return error_body(message, "invalid_request_error", param, code)
 
 
 async def _on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    errors = exc.errors()
-    first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
-    if first.get("type") == "json_invalid":
-        message = "We could not parse the JSON body of your request: " + str(first.get("ctx", {}).get("error", "invalid JSON"))
-        return JSONResponse(status_code=400, content=error_body(message, "invalid_request_error", None, "invalid_json"))
-    param = _param_of(tuple(first.get("loc", ())))
-    if first.get("type") == "missing" and param is None:
-        message = "The request needs a JSON body."
-        code = "missing_required_parameter"
-    elif first.get("type") == "missing":
-        message = f"Missing required parameter: '{param}'."
-        code = "missing_required_parameter"
-    elif first.get("type") == "model_attributes_type" and param is None:
-        message = "The request body must be a JSON object."
-        code = "invalid_type"
-    else:
-        message = f"Invalid value for '{param}': {first.get('msg', 'invalid')}."
-        code = "invalid_value"
-    return JSONResponse(status_code=400, content=error_body(message, "invalid_request_error", param, code))
+    return JSONResponse(status_code=400, content=validation_error_body(list(exc.errors())))
 
 
 async def _on_request_error(request: Request, exc: RequestError) -> JSONResponse:

@@ -1,119 +1,285 @@
-"""OpenAI request bodies, validated at the edge. Unknown OpenAI fields are accepted and ignored."""
+"""OpenAI request bodies, validated at the edge: the contract with the worker's engine.
+
+Every field OpenAI defines for these endpoints is one of:
+- honoured: it reaches the engine (`engine_messages()`, `sampling()`);
+- metadata: no effect on the answer (`user`, `metadata`, ...), accepted and said so in its
+  description;
+- not honoured: a 400 (`unsupported_parameter` / `unsupported_value`, naming it) unless it
+  holds its neutral value (null, n=1, an empty logit_bias, ...).
+A field OpenAI does not define is a 400 `unknown_parameter`; null is the same as absent.
+"""
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
+
+from orchestrator.gateway.chat_messages import ChatMessage, check_conversation
+from orchestrator.gateway.output_format import (
+    ResponseFormat,
+    Tool,
+    ToolChoice,
+    check_tools,
+    tool_choice_engine_form,
+)
+from orchestrator.gateway.request_model import (
+    OpenAIObject,
+    OpenAIRequest,
+    invalid,
+    unsupported,
+    unsupported_value,
+)
+
+DEFAULT_TEMPERATURE = 0.8
+DEFAULT_TOP_P = 0.95
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for the legacy completions endpoint
+METADATA = "Metadata: accepted, not stored, no effect on the answer."
 
 
-class _Lenient(BaseModel):
-    # Clients send fields we do not use (logprobs, user, ...); ignoring them is what OpenAI-compatible
-    # servers do. Wrong values of fields we do use are errors.
-    model_config = ConfigDict(extra="ignore")
+class StreamOptions(OpenAIObject):
+    include_usage: bool | None = Field(None, description="A last chunk with the usage and no choices.")
+    include_obfuscation: bool | None = Field(
+        None, description="No obfuscation padding is added here: only false or null (true is a 400)."
+    )
+
+    @field_validator("include_obfuscation")
+    @classmethod
+    def _no_padding(cls, value: bool | None) -> bool | None:
+        if value:
+            raise unsupported_value("stream obfuscation is not supported; send false or leave it out")
+        return value
 
 
-class ContentPart(_Lenient):
-    type: str
-    text: str | None = None
+class SamplingFields(OpenAIRequest):
+    """What chat and text completions share."""
 
-
-class ChatMessage(_Lenient):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[ContentPart] | None = None
-    name: str | None = None
-
-    def text(self) -> str:
-        if self.content is None:
-            return ""
-        if isinstance(self.content, str):
-            return self.content
-        return "".join(part.text or "" for part in self.content if part.type == "text")
-
-
-class StreamOptions(_Lenient):
-    include_usage: bool = False
-
-
-class SamplingFields(_Lenient):
-    model: str = Field(..., min_length=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    max_tokens: int | None = Field(None, ge=1)
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    stream: bool = False
+    model: str = Field(..., min_length=1, description="A model served here (GET /v1/models).")
+    temperature: float | None = Field(None, ge=0, le=2, description=f"Default {DEFAULT_TEMPERATURE}.")
+    top_p: float | None = Field(None, ge=0, le=1, description=f"Default {DEFAULT_TOP_P}.")
+    max_tokens: int | None = Field(None, ge=1, description="Most tokens to generate.")
+    stop: str | list[str] | None = Field(None, description="Up to 4 non-empty sequences that end the answer.")
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1, description="Same seed, same sampling.")
+    stream: bool | None = Field(None, description="Answer as server-sent events (text/event-stream).")
     stream_options: StreamOptions | None = None
-    n: int = Field(1, ge=1, le=1, description="Only one choice per request is supported.")
+    n: int | None = Field(None, ge=1, description="Only 1: more choices per request are a 400.")
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = Field(None, description="Not supported: only null or {}.")
+    user: str | None = Field(None, description=METADATA)
 
     @field_validator("stop")
     @classmethod
-    def _at_most_four_stops(cls, value):
-        if isinstance(value, list) and len(value) > 4:
-            raise ValueError("at most 4 stop sequences")
+    def _stops(cls, value):
+        stops = [value] if isinstance(value, str) else value or []
+        if len(stops) > 4:
+            raise invalid("at most 4 stop sequences")
+        if any(s == "" for s in stops):
+            raise invalid("a stop sequence must not be empty")
+        return value
+
+    @field_validator("n")
+    @classmethod
+    def _one_choice(cls, value: int | None) -> int | None:
+        if value is not None and value > 1:
+            raise unsupported_value("only one choice per request (n=1) is supported")
+        return value
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _no_logit_bias(cls, value: dict | None) -> dict | None:
+        if value:
+            raise unsupported("logit_bias is not supported")
         return value
 
     def sampling(self) -> dict[str, Any]:
         """What the engine needs, as plain values that cross Ray cheaply."""
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return {
-            "temperature": 0.8 if self.temperature is None else self.temperature,
-            "top_p": 0.95 if self.top_p is None else self.top_p,
+            "temperature": DEFAULT_TEMPERATURE if self.temperature is None else self.temperature,
+            "top_p": DEFAULT_TOP_P if self.top_p is None else self.top_p,
             "max_tokens": self.max_tokens,
             "stop": stop,
             "seed": self.seed,
             "presence_penalty": self.presence_penalty or 0.0,
             "frequency_penalty": self.frequency_penalty or 0.0,
-            "include_usage": bool(self.stream_options and self.stream_options.include_usage),
+            "include_usage": bool(self.stream and self.stream_options and self.stream_options.include_usage),
         }
 
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(..., min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1, description="The newer name of max_tokens.")
+    response_format: ResponseFormat | None = Field(None, description="text, json_object or json_schema.")
+    tools: list[Tool] | None = Field(None, description="Functions the model may call.")
+    tool_choice: ToolChoice | None = Field(None, description="Needs tools; a named function must be one of them.")
+    parallel_tool_calls: bool | None = Field(None, description="Default true.")
+    logprobs: bool | None = Field(None, description="Log probabilities of the answer's tokens.")
+    top_logprobs: int | None = Field(None, ge=0, le=20, description="Needs logprobs: true.")
+    metadata: dict[str, str] | None = Field(None, description=METADATA)
+    store: bool | None = Field(None, description="Nothing is stored here: only false or null (true is a 400).")
+    service_tier: str | None = Field(None, description="Only 'auto' or 'default'.")
+    safety_identifier: str | None = Field(None, description=METADATA)
+    prompt_cache_key: str | None = Field(None, description="A caching hint: accepted, no effect on the answer.")
+    prompt_cache_retention: str | None = Field(None, description="A caching hint: accepted, no effect on the answer.")
+    modalities: list[str] | None = Field(None, description="Only ['text'].")
+    audio: dict[str, Any] | None = Field(None, description="Not supported: only null.")
+    prediction: dict[str, Any] | None = Field(None, description="Not supported: only null.")
+    web_search_options: dict[str, Any] | None = Field(None, description="Not supported: only null.")
+    reasoning_effort: str | None = Field(None, description="Not supported: only null.")
+    verbosity: str | None = Field(None, description="Not supported: only null.")
+    functions: list[Any] | None = Field(None, description="Legacy, not supported: only null (send tools).")
+    function_call: str | dict[str, Any] | None = Field(
+        None, description="Legacy, not supported: only null (send tool_choice)."
+    )
+
+    @field_validator("audio", "prediction", "web_search_options", "reasoning_effort", "verbosity")
+    @classmethod
+    def _not_honoured(cls, value, info):
+        if value is not None:
+            raise unsupported(f"{info.field_name} is not supported by the models served here")
+        return value
+
+    @field_validator("functions", "function_call")
+    @classmethod
+    def _legacy_functions(cls, value, info):
+        if value is not None:
+            newer = "tools" if info.field_name == "functions" else "tool_choice"
+            raise unsupported(f"the legacy {info.field_name} is not supported; send {newer}")
+        return value
+
+    @field_validator("store")
+    @classmethod
+    def _nothing_stored(cls, value: bool | None) -> bool | None:
+        if value:
+            raise unsupported_value("completions are not stored here; send store: false or leave it out")
+        return value
+
+    @field_validator("service_tier")
+    @classmethod
+    def _one_tier(cls, value: str | None) -> str | None:
+        if value not in (None, "auto", "default"):
+            raise unsupported_value("only the 'auto' or 'default' service tier is served here")
+        return value
+
+    @field_validator("modalities")
+    @classmethod
+    def _text_only(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and any(m != "text" for m in value):
+            raise unsupported_value("only text output is supported: send modalities ['text']")
+        return value
+
+    @field_validator("metadata")
+    @classmethod
+    def _openai_metadata_limits(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        if value is not None and (len(value) > 16 or any(len(k) > 64 or len(v) > 512 for k, v in value.items())):
+            raise invalid("at most 16 pairs, keys of up to 64 and values of up to 512 characters")
+        return value
 
     @model_validator(mode="after")
-    def _newer_name_for_max_tokens(self) -> "ChatCompletionRequest":
-        if self.max_tokens is None and self.max_completion_tokens is not None:
+    def _consistent(self) -> "ChatCompletionRequest":
+        if self.max_completion_tokens is not None:
+            if self.max_tokens is not None and self.max_tokens != self.max_completion_tokens:
+                raise invalid("max_tokens and max_completion_tokens are the same setting; send one",
+                              "max_completion_tokens")
             self.max_tokens = self.max_completion_tokens
+        if self.top_logprobs is not None and not self.logprobs:
+            raise invalid("top_logprobs needs logprobs: true", "top_logprobs")
+        check_tools(self.tools, self.tool_choice)
+        check_conversation(self.messages)
         return self
 
-    def engine_messages(self) -> list[dict[str, str]]:
-        out = []
-        for message in self.messages:
-            role = "system" if message.role == "developer" else message.role
-            out.append({"role": role, "content": message.text()})
-        return out
+    def engine_messages(self) -> list[dict[str, Any]]:
+        return [message.engine_message() for message in self.messages]
+
+    def sampling(self) -> dict[str, Any]:
+        return {
+            **super().sampling(),
+            "response_format": self.response_format.engine_form() if self.response_format is not None else None,
+            "tools": [tool.engine_form() for tool in self.tools] if self.tools else None,
+            "tool_choice": tool_choice_engine_form(self.tool_choice),
+            "parallel_tool_calls": self.parallel_tool_calls is not False,
+            "logprobs": bool(self.logprobs),
+            "top_logprobs": self.top_logprobs,
+        }
+
+
+TokenPrompt = list[int] | list[list[int]]
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] = Field(...)
-    echo: bool = Field(False, description="Not supported: echoing the prompt back.")
-
-    @model_validator(mode="after")
-    def _openai_defaults(self) -> "CompletionRequest":
-        if self.max_tokens is None:
-            self.max_tokens = 16  # OpenAI's default for the legacy completions endpoint
-        if self.echo:
-            raise ValueError("echo is not supported")
-        return self
+    prompt: str | list[str] | TokenPrompt = Field(
+        ..., description="One text (or a list of one); token-id prompts and several prompts are a 400."
+    )
+    max_tokens: int | None = Field(None, ge=1, description=f"Default {COMPLETIONS_DEFAULT_MAX_TOKENS}.")
+    logprobs: int | None = Field(None, ge=0, le=5, description="Log probabilities of the most likely tokens.")
+    echo: bool | None = Field(None, description="Not supported: only false or null.")
+    best_of: int | None = Field(None, ge=1, description="Only 1.")
+    suffix: str | None = Field(None, description="Not supported (insertion): only null or ''.")
 
     @field_validator("prompt")
     @classmethod
-    def _one_prompt(cls, value):
+    def _one_text(cls, value):
         if isinstance(value, list):
+            if any(not isinstance(item, str) for item in value):
+                raise unsupported_value("token-id prompts are not supported; send the prompt as text")
             if len(value) != 1:
-                raise ValueError("exactly one prompt per request is supported")
+                raise unsupported_value("exactly one prompt per request is supported")
             return value[0]
         return value
 
+    @field_validator("echo")
+    @classmethod
+    def _no_echo(cls, value: bool | None) -> bool | None:
+        if value:
+            raise unsupported_value("echo is not supported")
+        return value
 
-class EmbeddingRequest(_Lenient):
+    @field_validator("best_of")
+    @classmethod
+    def _no_best_of(cls, value: int | None) -> int | None:
+        if value is not None and value > 1:
+            raise unsupported_value("best_of > 1 is not supported")
+        return value
+
+    @field_validator("suffix")
+    @classmethod
+    def _no_suffix(cls, value: str | None) -> str | None:
+        if value:
+            raise unsupported("suffix (insertion) is not supported")
+        return value
+
+    def text(self) -> str:
+        return self.prompt  # one text, after validation
+
+    def sampling(self) -> dict[str, Any]:
+        out = super().sampling()
+        if out["max_tokens"] is None:
+            out["max_tokens"] = COMPLETIONS_DEFAULT_MAX_TOKENS
+        out["logprobs"] = self.logprobs
+        return out
+
+
+class EmbeddingRequest(OpenAIRequest):
     model: str = Field(..., min_length=1)
-    input: str | list[str] = Field(...)
-    encoding_format: Literal["float", "base64"] = "float"
+    input: str | list[str] | TokenPrompt = Field(..., description="Text or texts; token ids are a 400.")
+    encoding_format: Literal["float", "base64"] | None = Field(None, description="Default float.")
+    dimensions: int | None = Field(None, ge=1, description="Not supported: only null (the model's own size).")
+    user: str | None = Field(None, description=METADATA)
+
+    @field_validator("input")
+    @classmethod
+    def _texts(cls, value):
+        if isinstance(value, list) and any(not isinstance(item, str) for item in value):
+            raise unsupported_value("token-id inputs are not supported; send text")
+        return value
+
+    @field_validator("dimensions")
+    @classmethod
+    def _native_size(cls, value: int | None) -> int | None:
+        if value is not None:
+            raise unsupported("dimensions is not supported: embeddings have the model's own size")
+        return value
 
     def inputs(self) -> list[str]:
         return [self.input] if isinstance(self.input, str) else list(self.input)

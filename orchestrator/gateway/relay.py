@@ -1,0 +1,154 @@
+"""Carrying a replica's answer to the client, whole or as server-sent events.
+
+Whatever happens (an answer, an engine error, a client that leaves, a replica that dies
+under the request), the router's in-flight slot is released exactly once, and a client
+that leaves cancels its generation at the next token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import uuid
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from orchestrator.gateway.errors import error_body, error_response
+from orchestrator.gateway.router import Router
+from worker.errors import RequestError
+
+if TYPE_CHECKING:
+    from orchestrator.controller import Controller, ReplicaRecord
+
+log = logging.getLogger(__name__)
+DISCONNECT_POLL_S = 0.5  # how often a non-streamed request checks that its client is still there
+
+
+def node_headers(replica: ReplicaRecord) -> dict[str, str]:
+    return {"x-homefleet-node": replica.node_name, "x-homefleet-replica": replica.replica_id}
+
+
+class Flight:
+    """One request's hold on a replica, ended exactly once on whichever path comes first; a
+    request that ends unserved is cancelled on the replica (its client left, or it failed)."""
+
+    def __init__(self, router: Router, replica: ReplicaRecord, request_id: str) -> None:
+        self.router = router
+        self.replica = replica
+        self.request_id = request_id
+        self.ended = False
+
+    def end(self, served: bool, cancel: bool = True) -> None:
+        if self.ended:
+            return
+        self.ended = True
+        if not served and cancel:
+            self.replica.handle.cancel.remote(self.request_id)
+        self.router.release(self.replica, served)
+
+
+class EventStream(StreamingResponse):
+    """Server-sent events that always end their flight when the response is over, even when the
+    client left before the first chunk or while one was being sent."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, content: AsyncIterator[bytes], flight: Flight, headers: dict[str, str]) -> None:
+        super().__init__(content, headers=headers)
+        self.flight = flight
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
+            self.flight.end(served=False)  # a no-op when the stream ended it
+
+
+async def _awaited(ref):
+    return await ref
+
+
+class Relay:
+    def __init__(self, controller: Controller, router: Router, disconnect_poll_s: float = DISCONNECT_POLL_S) -> None:
+        self.controller = controller
+        self.router = router
+        self.disconnect_poll_s = disconnect_poll_s
+
+    async def failed(self, replica: ReplicaRecord, exc: Exception) -> RequestError:
+        """The replica broke under a request: log the detail, tell the client briefly."""
+        log.warning("request to %s on %s failed", replica.replica_id, replica.node_name, exc_info=exc)
+        if self.controller.cluster.is_dead_actor_error(exc):
+            await self.controller.replica_died(replica, f"replica process died: {type(exc).__name__}")
+        return RequestError(
+            f"replica {replica.replica_id} on {replica.node_name} failed ({type(exc).__name__}); retry shortly",
+            status=502,
+            type="server_error",
+        )
+
+    async def whole(self, replica: ReplicaRecord, start: Callable[[str], Any], request: Request,
+                    shape: Callable[[dict], dict] | None = None) -> JSONResponse:
+        """A non-streamed answer (reshaped by `shape`, if given); a client that leaves meanwhile
+        cancels it at its next token."""
+        flight = Flight(self.router, replica, uuid.uuid4().hex)
+        try:
+            result = await self._wait(replica, start(flight.request_id), request, flight.request_id)
+        except Exception as exc:
+            flight.end(served=False)
+            raise await self.failed(replica, exc) from None
+        except BaseException:  # cancelled (the server stops): free the model
+            flight.end(served=False)
+            raise
+        if "error" in result:  # the replica answered with an error: it is done with the request
+            flight.end(served=False, cancel=False)
+            return error_response(RequestError.from_dict(result["error"]))
+        flight.end(served=True)
+        return JSONResponse(shape(result) if shape else result, headers=node_headers(replica))
+
+    async def _wait(self, replica: ReplicaRecord, ref, request: Request, request_id: str) -> dict:
+        pending = asyncio.ensure_future(_awaited(ref))
+        try:
+            while not pending.done():
+                await asyncio.wait({pending}, timeout=self.disconnect_poll_s)
+                if not pending.done() and await request.is_disconnected():
+                    replica.handle.cancel.remote(request_id)
+                    await asyncio.wait({pending}, timeout=self.disconnect_poll_s)
+                    break
+            return await pending
+        finally:
+            pending.cancel()  # a no-op once done
+
+    async def stream(self, replica: ReplicaRecord, start: Callable[[str], Any]) -> StreamingResponse | JSONResponse:
+        """SSE bytes as the replica yields them. Its first item says whether it accepted the
+        request (b"") or not ({"error": ...}, answered with the error's status)."""
+        flight = Flight(self.router, replica, uuid.uuid4().hex)
+        try:
+            generator = start(flight.request_id)
+            first = await (await generator.__anext__())
+        except Exception as exc:
+            flight.end(served=False)
+            raise await self.failed(replica, exc) from None
+        except BaseException:  # cancelled while waiting for the replica
+            flight.end(served=False)
+            raise
+        if isinstance(first, dict) and "error" in first:
+            flight.end(served=False, cancel=False)
+            return error_response(RequestError.from_dict(first["error"]))
+        headers = {**node_headers(replica), "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        return EventStream(self._forward(replica, generator, flight), flight, headers)
+
+    async def _forward(self, replica: ReplicaRecord, generator, flight: Flight) -> AsyncIterator[bytes]:
+        served = False
+        try:
+            async for ref in generator:
+                yield await ref
+            served = True
+        except Exception as exc:
+            # Mid-stream the status is sent already: an error event, then the stream ends.
+            failure = await self.failed(replica, exc)
+            yield b"data: " + json.dumps(error_body(failure.message, failure.type)).encode() + b"\n\n"
+        finally:
+            flight.end(served)
