@@ -36,6 +36,14 @@ class GatewayConfig(_Strict):
     queue_per_replica: int = Field(
         8, ge=1, description="Requests waiting per replica before the gateway answers 503 with Retry-After."
     )
+    max_body_bytes: int = Field(
+        8 * 1024 * 1024, ge=1024, description="Largest request body; a larger one is answered 413 before it is parsed."
+    )
+    cors_origins: list[str] = Field(
+        default_factory=list,
+        description="Browser origins allowed to call the endpoint (CORS), e.g. http://localhost:3000, or '*'; "
+        "none by default.",
+    )
 
 
 class ClusterConfig(_Strict):

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from orchestrator.core.model_source import SourceError, normalize_sha256
 from orchestrator.file_keeper import PullError
+from orchestrator.gateway.openapi import error_responses
 from worker.errors import RequestError
 
 
@@ -37,7 +38,7 @@ class PruneRequest(BaseModel):
 
 
 def install_files_api(app: FastAPI, controller) -> None:
-    @app.post("/api/pull", status_code=202)
+    @app.post("/api/pull", status_code=202, tags=["files"], responses=error_responses(404, 409, 502))
     async def pull(body: PullRequest):
         try:
             return await controller.files.pull(body.source, body.node, body.sha256)
@@ -45,7 +46,7 @@ def install_files_api(app: FastAPI, controller) -> None:
             raise RequestError(str(exc), status=exc.status, param="source" if exc.status == 400 else None,
                                code="pull_failed") from None
 
-    @app.get("/api/transfers")
+    @app.get("/api/transfers", tags=["files"])
     async def transfers():
         out = []
         for node in controller.nodes.values():
@@ -53,14 +54,14 @@ def install_files_api(app: FastAPI, controller) -> None:
                 out += [{**t.model_dump(mode="json"), "node": node.name} for t in node.transfers.values()]
         return {"transfers": out}
 
-    @app.get("/api/transfers/{transfer_id}")
+    @app.get("/api/transfers/{transfer_id}", tags=["files"], responses=error_responses(404))
     async def transfer(transfer_id: str):
         progress = await controller.files.transfer(transfer_id)
         if progress is None:
             raise RequestError(f"no transfer {transfer_id!r}", status=404, code="transfer_not_found")
         return progress
 
-    @app.post("/api/models/prune")
+    @app.post("/api/models/prune", tags=["files"])
     async def prune(body: PruneRequest | None = None):
         dry_run = body.dry_run if body is not None else False
         return {"dry_run": dry_run, "files": await controller.files.prune(dry_run)}

@@ -1,0 +1,58 @@
+"""The cluster's own surface: `/api/cluster` (what the CLI and the dashboard read), the
+dashboard page, Prometheus `/metrics`, and the `/healthz` and `/readyz` probes."""
+
+from __future__ import annotations
+
+from importlib import resources
+from typing import TYPE_CHECKING
+
+from fastapi import APIRouter
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
+
+from orchestrator.cluster_view import ClusterView
+from orchestrator.gateway.metrics import render_metrics
+from orchestrator.gateway.responses import Health, Readiness
+
+if TYPE_CHECKING:
+    from orchestrator.controller import Controller
+
+PROMETHEUS_TYPE = "text/plain; version=0.0.4"
+
+
+def cluster_routes(controller: Controller) -> APIRouter:
+    api = APIRouter()
+    dashboard_html = resources.files("orchestrator.gateway").joinpath("dashboard.html")
+
+    @api.get("/api/cluster", tags=["cluster"], responses={200: {"model": ClusterView}})
+    async def cluster():
+        """Nodes, models and placements, with reasons."""
+        return JSONResponse(controller.view().model_dump(mode="json"))
+
+    @api.get("/healthz", tags=["probes"], response_model=Health)
+    async def healthz():
+        """The gateway answers."""
+        return {"status": "ok"}
+
+    @api.get("/readyz", tags=["probes"], response_model=Readiness,
+             responses={503: {"model": Readiness, "description": "Not every model is ready or failed yet."}})
+    async def readyz():
+        """Ready once every model is ready or failed, and one at least is ready."""
+        states = {name: controller.model_state(name)[0] for name in controller.models}
+        ready = bool(states) and all(s in ("ready", "failed") for s in states.values()) and any(
+            s == "ready" for s in states.values()
+        )
+        return JSONResponse({"ready": ready, "models": states}, status_code=200 if ready else 503)
+
+    @api.get("/metrics", tags=["probes"], response_class=PlainTextResponse,
+             responses={200: {"description": "Prometheus text exposition, version 0.0.4.",
+                              "content": {"text/plain": {"schema": {"type": "string"}}}}})
+    async def metrics():
+        """Nodes, GPUs, replicas and requests, for Prometheus."""
+        return PlainTextResponse(render_metrics(controller.view()), media_type=PROMETHEUS_TYPE)
+
+    @api.get("/", tags=["dashboard"], response_class=HTMLResponse)
+    async def dashboard():
+        """The dashboard page."""
+        return HTMLResponse(dashboard_html.read_text())
+
+    return api
