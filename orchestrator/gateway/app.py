@@ -7,7 +7,7 @@ shape; an OpenAPI document that says what the server does.
 
 The controller offers the gateway: `models`, `ready_replicas(model)`, `model_state(model)`,
 `retry_after_s(model)`, `nodes`, `view()`, `cluster.is_dead_actor_error(exc)`,
-`replica_died(replica, reason)` and `files` (tests/unit/gateway_fakes.py builds a fake one).
+`replica_died(replica, reason)` and `files` (tests/unit/test_gateway_fakes.py builds a fake one).
 """
 
 from __future__ import annotations

@@ -19,11 +19,11 @@ BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
 
 def too_large(limit_bytes: int, got_bytes: int | None) -> JSONResponse:
-    size = f"{got_bytes} bytes" if got_bytes is not None else "larger"
+    size = f"is {got_bytes} bytes" if got_bytes is not None else f"passed {limit_bytes} bytes"
     return JSONResponse(
         status_code=413,
         content=error_body(
-            f"The request body is {size}; this gateway takes at most {limit_bytes} bytes (gateway.max_body_bytes).",
+            f"The request body {size}; this gateway takes at most {limit_bytes} bytes (gateway.max_body_bytes).",
             "invalid_request_error", None, "request_too_large",
         ),
         headers={"Connection": "close"},

