@@ -152,7 +152,8 @@ class Engine:
         tokens = self._tokens_for_chat(messages, tools)
         logprobs = (sampling.get("top_logprobs") or 0) if sampling.get("logprobs") else None
         params = self._params(tokens, sampling, "messages", logprobs)
-        calls = ToolCallStream(self.formatter.tool_format, tool_names(tools), forced) if tools else None
+        calls = ToolCallStream(self.formatter.tool_format, tool_names(tools), forced,
+                               parallel=sampling.get("parallel_tool_calls", True)) if tools else None
         return self._chunks("chat", tokens, params, grammar, should_stop, calls)
 
     def stream_text(self, prompt: str, sampling: dict, should_stop: StopCheck | None = None) -> Iterator[dict]:

@@ -145,6 +145,18 @@ def _token_text(llama, token: int) -> str:
     return llama.detokenize([token], special=False).decode("utf-8", errors="replace")
 
 
+def partial_match_length(text: str, needles: tuple[str, ...] | list[str]) -> int:
+    """Length of the longest tail of `text` that is the beginning of one of `needles`
+    (what must be held back: it may still become a stop string or a marker)."""
+    longest = 0
+    for needle in needles:
+        for n in range(min(len(needle) - 1, len(text)), 0, -1):
+            if text.endswith(needle[:n]):
+                longest = max(longest, n)
+                break
+    return longest
+
+
 class _TextAssembler:
     """Bytes in, safe text out: whole characters only, and never a (partial) stop string."""
 
@@ -175,14 +187,7 @@ class _TextAssembler:
         return self._release(self.pending, keep="")
 
     def _held_back_length(self) -> int:
-        """Longest tail of `pending` that begins some stop string."""
-        longest = 0
-        for stop in self.stop:
-            for n in range(min(len(stop) - 1, len(self.pending)), 0, -1):
-                if self.pending.endswith(stop[:n]):
-                    longest = max(longest, n)
-                    break
-        return longest
+        return partial_match_length(self.pending, self.stop)
 
     def _release(self, text: str, keep: str) -> Piece | None:
         logprobs, self.pending_logprobs = self.pending_logprobs, []

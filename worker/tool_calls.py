@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from worker.errors import RequestError
+from worker.generation import partial_match_length
 from worker.structured import schema_grammar
 
 MARKERS = {"hermes": ("<tool_call>",), "mistral": ("[TOOL_CALLS]",), "llama3": ("<|python_tag|>",), "json": ()}
@@ -165,7 +166,8 @@ _PARSERS = {"hermes": _parse_hermes, "mistral": _parse_mistral, "llama3": _parse
 class ToolCallStream:
     """Decides, as text arrives, what is content (sent at once) and what may be a call (held)."""
 
-    def __init__(self, fmt: str, names: Sequence[str], forced: bool) -> None:
+    def __init__(self, fmt: str, names: Sequence[str], forced: bool, parallel: bool = True) -> None:
+        self.parallel = parallel  # False: one call at most (OpenAI's parallel_tool_calls)
         self.fmt = "json" if forced else fmt
         self.names = list(names)
         self.forced = forced
@@ -192,7 +194,7 @@ class ToolCallStream:
         """(content not sent yet, calls) at the end of the answer."""
         content, calls = parse_calls(self.held, self.fmt, self.names)
         self.held = ""
-        return content, calls
+        return content, calls if self.parallel else calls[:1]
 
     def _may_start_call(self, head: str) -> bool:
         starts = (*self.markers, *_JSON_START)
@@ -206,12 +208,7 @@ class ToolCallStream:
                 out, self.held = self.held[:at], self.held[at:]
                 self.sent += out
                 return out
-        keep = 0
-        for marker in self.markers:
-            for n in range(min(len(marker) - 1, len(self.held)), 0, -1):
-                if self.held.endswith(marker[:n]):
-                    keep = max(keep, n)
-                    break
+        keep = partial_match_length(self.held, self.markers)
         out = self.held[: len(self.held) - keep]
         self.held = self.held[len(self.held) - keep:]
         self.sent += out

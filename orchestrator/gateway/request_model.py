@@ -44,9 +44,10 @@ def _error(code: str, message: str, param: str | None) -> PydanticCustomError:
 
 
 class OpenAIObject(BaseModel):
-    """A JSON object of OpenAI's API: unknown fields are errors, never silently dropped."""
+    """A JSON object of OpenAI's API: unknown fields are errors, never silently dropped; values are
+    taken as their JSON type says ("yes" is not a boolean, "7" not a number)."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, strict=True)
 
 
 class OpenAIRequest(OpenAIObject):

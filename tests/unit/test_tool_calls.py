@@ -81,3 +81,12 @@ def test_a_forced_call_is_never_streamed_as_content():
     stream = ToolCallStream("hermes", NAMES, forced=True)
     sent, rest, calls = feed_all(stream, ['{"name": "get_weather", ', '"arguments": {"city": "Oslo"}}'])
     assert sent == ["", ""] and [c.name for c in calls] == ["get_weather"]
+
+
+def test_without_parallel_tool_calls_only_the_first_call_is_kept():
+    text = ('<tool_call>{"name": "get_weather", "arguments": {}}</tool_call>'
+            '<tool_call>{"name": "get_time", "arguments": {}}</tool_call>')
+    for parallel, expected in ((True, ["get_weather", "get_time"]), (False, ["get_weather"])):
+        stream = ToolCallStream("hermes", NAMES, forced=False, parallel=parallel)
+        stream.feed(text)
+        assert [c.name for c in stream.finish()[1]] == expected
