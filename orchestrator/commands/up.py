@@ -154,8 +154,12 @@ async def _serve(config: HomefleetConfig) -> None:
 def _print_banner(config: HomefleetConfig, address: str, token: str) -> None:
     base = f"http://{config.gateway.host}:{config.gateway.port}"
     names = ", ".join(m.name for m in config.models)
+    from worker.store import default_models_dir
+
+    models_dir = config.cluster.models_dir or default_models_dir()
     print(
         f"homefleet: serving {names}\n"
+        f"  this node's models dir: {models_dir} (files travel to the node placement picks)\n"
         f"  OpenAI endpoint:  {base}/v1\n"
         f"  dashboard:        {base}/\n"
         f"  status:           homefleet status --url {base}\n"

@@ -40,10 +40,11 @@ class ApiKeyOffLoopback:
         headers = dict(scope.get("headers") or [])
         sent = bearer_token(headers.get(b"authorization", b"").decode("latin-1"))
         if not self.api_key:
-            message = "This gateway serves loopback only: set HOMEFLEET_API_KEY (or gateway.api_key) to admit other addresses."
+            message = ("This gateway serves loopback only: set HOMEFLEET_API_KEY (or gateway.api_key) "
+                       "to admit other addresses.")
         elif not secrets.compare_digest(sent.encode(), self.api_key.encode()):
             message = "Incorrect API key provided: send 'Authorization: Bearer <HOMEFLEET_API_KEY>'."
         else:
             return await self.app(scope, receive, send)
-        response = JSONResponse(status_code=401, content=error_body(message, "invalid_request_error", None, "invalid_api_key"))
-        await response(scope, receive, send)
+        body = error_body(message, "invalid_request_error", None, "invalid_api_key")
+        await JSONResponse(status_code=401, content=body)(scope, receive, send)

@@ -14,7 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from orchestrator.gateway.request_model import ERROR_CODES
+from orchestrator.gateway.request_model import ERROR_CODES, TAG_ERROR
 from worker.errors import RequestError
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,11 @@ def validation_error_body(errors: list[dict]) -> dict:
         message = "We could not parse the JSON body of your request: " + str(ctx.get("error", "invalid JSON"))
         return error_body(message, "invalid_request_error", None, "invalid_json")
     param = ctx.get("param") or param_of(tuple(first.get("loc", ())))
-    if kind in ERROR_CODES:
+    if kind.startswith(TAG_ERROR):
+        key = kind.removeprefix(TAG_ERROR)
+        param = f"{param}.{key}" if param else key
+        message, code = first.get("msg", "invalid"), "invalid_value"
+    elif kind in ERROR_CODES:
         message, code = first.get("msg", "invalid"), kind
     elif kind == "missing" and param is None:
         message, code = "The request needs a JSON body.", "missing_required_parameter"
@@ -102,7 +106,8 @@ async def _on_http_error(request: Request, exc: StarletteHTTPException) -> JSONR
     message = exc.detail if isinstance(exc.detail, str) else "request failed"
     if exc.status_code == 404:
         message = f"Unknown URL: {request.method} {request.url.path}"
-    return JSONResponse(status_code=exc.status_code, content=error_body(message, type_), headers=getattr(exc, "headers", None))
+    headers = getattr(exc, "headers", None)
+    return JSONResponse(status_code=exc.status_code, content=error_body(message, type_), headers=headers)
 
 
 async def _on_unexpected_error(request: Request, exc: Exception) -> JSONResponse:

@@ -19,8 +19,9 @@ from orchestrator.gateway.schemas import ChatCompletionRequest, CompletionReques
 if TYPE_CHECKING:
     from orchestrator.controller import Controller
 
-CHAT_EVENTS = "`data: {chat.completion.chunk}` lines, then `data: [DONE]`; an error mid-way is a `data: {\"error\": ...}` line."
-TEXT_EVENTS = "`data: {text_completion}` lines, then `data: [DONE]`; an error mid-way is a `data: {\"error\": ...}` line."
+MID_WAY_ERROR = 'an error mid-way is a `data: {"error": ...}` line, then the stream ends.'
+CHAT_EVENTS = f"`data: {{chat.completion.chunk}}` lines, then `data: [DONE]`; {MID_WAY_ERROR}"
+TEXT_EVENTS = f"`data: {{text_completion}}` lines, then `data: [DONE]`; {MID_WAY_ERROR}"
 MODEL_ERRORS = (404, 502, 503)
 
 

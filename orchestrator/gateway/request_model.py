@@ -20,8 +20,11 @@ from typing import Annotated, Any, Union
 from pydantic import BaseModel, ConfigDict, Discriminator, Tag, model_validator
 from pydantic_core import PydanticCustomError
 
+# What the OpenAPI document shows for a field that takes null only (anything else is a 400).
+NULL_ONLY = {"type": "null"}
 # Our own error types, read by the validation-error handler as OpenAI error codes.
 ERROR_CODES = frozenset({"invalid_value", "unsupported_parameter", "unsupported_value"})
+TAG_ERROR = "invalid_tag:"  # + the field: a tagged union's tag (`type`, `role`) names no member
 
 
 def invalid(message: str, param: str | None = None) -> PydanticCustomError:
@@ -39,7 +42,7 @@ def unsupported_value(message: str, param: str | None = None) -> PydanticCustomE
 
 
 def _error(code: str, message: str, param: str | None) -> PydanticCustomError:
-    # The message is a template for pydantic: keep braces out of it (user text never goes in).
+    # The message is a template for pydantic, and may quote a client's names: no braces in it.
     return PydanticCustomError(code, message.replace("{", "(").replace("}", ")"), {"param": param} if param else None)
 
 
@@ -47,7 +50,7 @@ class OpenAIObject(BaseModel):
     """A JSON object of OpenAI's API: unknown fields are errors, never silently dropped; values are
     taken as their JSON type says ("yes" is not a boolean, "7" not a number)."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True, strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class OpenAIRequest(OpenAIObject):
@@ -102,18 +105,18 @@ def _printable(path: str) -> str:
     return path.encode("utf-8", "replace").decode("utf-8")
 
 
-def _type_of(value: Any) -> str | None:
-    kind = value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
-    return kind if isinstance(kind, str) else None
+def _tag_of(value: Any, key: str) -> str | None:
+    tag = value.get(key) if isinstance(value, dict) else getattr(value, key, None)
+    return tag if isinstance(tag, str) else None
 
 
-def tagged(*models: type[BaseModel]) -> Any:
-    """A union chosen by the object's `type`. Tags are the class names, so an error's location
+def tagged(*models: type[BaseModel], key: str = "type", note: str = "") -> Any:
+    """A union chosen by the object's `key` field. Tags are the class names, so an error's location
     reads `...ImagePart...` and the error handler can tell a tag from a field name."""
-    tags = {model.model_fields["type"].annotation.__args__[0]: model.__name__ for model in models}
+    tags = {model.model_fields[key].annotation.__args__[0]: model.__name__ for model in models}
     members = tuple(Annotated[model, Tag(model.__name__)] for model in models)
     return Annotated[Union[members], Discriminator(  # noqa: UP007 (a runtime tuple of members)
-        lambda value: tags.get(_type_of(value)),
-        custom_error_type="invalid_value",
-        custom_error_message="'type' must be one of: " + ", ".join(repr(t) for t in tags),
+        lambda value: tags.get(_tag_of(value, key)),
+        custom_error_type=f"{TAG_ERROR}{key}",
+        custom_error_message=f"'{key}' must be one of: " + ", ".join(repr(t) for t in tags) + note,
     )]

@@ -11,9 +11,9 @@ A field OpenAI does not define is a 400 `unknown_parameter`; null is the same as
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, WithJsonSchema, field_validator, model_validator
 
 from orchestrator.gateway.chat_messages import ChatMessage, check_conversation
 from orchestrator.gateway.output_format import (
@@ -24,6 +24,7 @@ from orchestrator.gateway.output_format import (
     tool_choice_engine_form,
 )
 from orchestrator.gateway.request_model import (
+    NULL_ONLY,
     OpenAIObject,
     OpenAIRequest,
     invalid,
@@ -37,9 +38,46 @@ COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for the legacy completio
 METADATA = "Metadata: accepted, not stored, no effect on the answer."
 
 
+def only(*values: Any) -> WithJsonSchema:
+    """Document the values a field takes (others are a 400) without changing how it is read."""
+    return WithJsonSchema({"enum": [*values, None]})
+
+
+def doc(schema: dict[str, Any]) -> WithJsonSchema:
+    return WithJsonSchema({"anyOf": [schema, NULL_ONLY]})
+
+
+# Field types as read (lenient enough to answer a clear 400) and as documented (what is accepted).
+Stop = Annotated[str | list[str] | None, doc({"anyOf": [
+    {"type": "string", "minLength": 1},
+    {"type": "array", "items": {"type": "string", "minLength": 1}, "maxItems": 4},
+]})]
+OneOnly = Annotated[int | None, only(1)]
+FalseOnly = Annotated[bool | None, only(False)]
+EmptyOnly = Annotated[dict[str, float] | None, doc({"type": "object", "maxProperties": 0})]
+NullOnlyObject = Annotated[dict[str, Any] | None, WithJsonSchema(NULL_ONLY)]
+NullOnlyList = Annotated[list[Any] | None, WithJsonSchema(NULL_ONLY)]
+NullOnlyText = Annotated[str | None, WithJsonSchema(NULL_ONLY)]
+NullOnlyChoice = Annotated[str | dict[str, Any] | None, WithJsonSchema(NULL_ONLY)]
+Metadata = Annotated[dict[str, str] | None, doc({
+    "type": "object", "maxProperties": 16, "propertyNames": {"maxLength": 64},
+    "additionalProperties": {"type": "string", "maxLength": 512},
+})]
+ServiceTier = Annotated[str | None, only("auto", "default")]
+Modalities = Annotated[list[str] | None, doc({"type": "array", "items": {"const": "text"}})]
+OnePrompt = Annotated[str | list[str] | list[int] | list[list[int]], WithJsonSchema(
+    {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 1}]})]
+Texts = Annotated[str | list[str] | list[int] | list[list[int]], WithJsonSchema(
+    {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]})]
+EmptyText = Annotated[str | None, doc({"type": "string", "maxLength": 0})]
+NullOnlyNumber = Annotated[int | None, WithJsonSchema(NULL_ONLY)]
+NOT_SUPPORTED = "Not supported: only null."
+CACHE_HINT = "A caching hint: accepted, no effect on the answer."
+
+
 class StreamOptions(OpenAIObject):
     include_usage: bool | None = Field(None, description="A last chunk with the usage and no choices.")
-    include_obfuscation: bool | None = Field(
+    include_obfuscation: FalseOnly = Field(
         None, description="No obfuscation padding is added here: only false or null (true is a 400)."
     )
 
@@ -58,14 +96,14 @@ class SamplingFields(OpenAIRequest):
     temperature: float | None = Field(None, ge=0, le=2, description=f"Default {DEFAULT_TEMPERATURE}.")
     top_p: float | None = Field(None, ge=0, le=1, description=f"Default {DEFAULT_TOP_P}.")
     max_tokens: int | None = Field(None, ge=1, description="Most tokens to generate.")
-    stop: str | list[str] | None = Field(None, description="Up to 4 non-empty sequences that end the answer.")
+    stop: Stop = Field(None, description="Up to 4 non-empty sequences that end the answer.")
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1, description="Same seed, same sampling.")
     stream: bool | None = Field(None, description="Answer as server-sent events (text/event-stream).")
     stream_options: StreamOptions | None = None
-    n: int | None = Field(None, ge=1, description="Only 1: more choices per request are a 400.")
+    n: OneOnly = Field(None, ge=1, description="Only 1: more choices per request are a 400.")
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    logit_bias: dict[str, float] | None = Field(None, description="Not supported: only null or {}.")
+    logit_bias: EmptyOnly = Field(None, description="Not supported: only null or {}.")
     user: str | None = Field(None, description=METADATA)
 
     @field_validator("stop")
@@ -116,22 +154,20 @@ class ChatCompletionRequest(SamplingFields):
     parallel_tool_calls: bool | None = Field(None, description="Default true.")
     logprobs: bool | None = Field(None, description="Log probabilities of the answer's tokens.")
     top_logprobs: int | None = Field(None, ge=0, le=20, description="Needs logprobs: true.")
-    metadata: dict[str, str] | None = Field(None, description=METADATA)
-    store: bool | None = Field(None, description="Nothing is stored here: only false or null (true is a 400).")
-    service_tier: str | None = Field(None, description="Only 'auto' or 'default'.")
+    metadata: Metadata = Field(None, description=METADATA)
+    store: FalseOnly = Field(None, description="Nothing is stored here: only false or null (true is a 400).")
+    service_tier: ServiceTier = Field(None, description="Only 'auto' or 'default'.")
     safety_identifier: str | None = Field(None, description=METADATA)
-    prompt_cache_key: str | None = Field(None, description="A caching hint: accepted, no effect on the answer.")
-    prompt_cache_retention: str | None = Field(None, description="A caching hint: accepted, no effect on the answer.")
-    modalities: list[str] | None = Field(None, description="Only ['text'].")
-    audio: dict[str, Any] | None = Field(None, description="Not supported: only null.")
-    prediction: dict[str, Any] | None = Field(None, description="Not supported: only null.")
-    web_search_options: dict[str, Any] | None = Field(None, description="Not supported: only null.")
-    reasoning_effort: str | None = Field(None, description="Not supported: only null.")
-    verbosity: str | None = Field(None, description="Not supported: only null.")
-    functions: list[Any] | None = Field(None, description="Legacy, not supported: only null (send tools).")
-    function_call: str | dict[str, Any] | None = Field(
-        None, description="Legacy, not supported: only null (send tool_choice)."
-    )
+    prompt_cache_key: str | None = Field(None, description=CACHE_HINT)
+    prompt_cache_retention: str | None = Field(None, description=CACHE_HINT)
+    modalities: Modalities = Field(None, description="Only ['text'].")
+    audio: NullOnlyObject = Field(None, description=NOT_SUPPORTED)
+    prediction: NullOnlyObject = Field(None, description=NOT_SUPPORTED)
+    web_search_options: NullOnlyObject = Field(None, description=NOT_SUPPORTED)
+    reasoning_effort: NullOnlyText = Field(None, description=NOT_SUPPORTED)
+    verbosity: NullOnlyText = Field(None, description=NOT_SUPPORTED)
+    functions: NullOnlyList = Field(None, description="Legacy, not supported: only null (send tools).")
+    function_call: NullOnlyChoice = Field(None, description="Legacy, not supported: only null (send tool_choice).")
 
     @field_validator("audio", "prediction", "web_search_options", "reasoning_effort", "verbosity")
     @classmethod
@@ -204,18 +240,13 @@ class ChatCompletionRequest(SamplingFields):
         }
 
 
-TokenPrompt = list[int] | list[list[int]]
-
-
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | TokenPrompt = Field(
-        ..., description="One text (or a list of one); token-id prompts and several prompts are a 400."
-    )
+    prompt: OnePrompt = Field(..., description="One text (or a list of one); token ids or several prompts are a 400.")
     max_tokens: int | None = Field(None, ge=1, description=f"Default {COMPLETIONS_DEFAULT_MAX_TOKENS}.")
     logprobs: int | None = Field(None, ge=0, le=5, description="Log probabilities of the most likely tokens.")
-    echo: bool | None = Field(None, description="Not supported: only false or null.")
-    best_of: int | None = Field(None, ge=1, description="Only 1.")
-    suffix: str | None = Field(None, description="Not supported (insertion): only null or ''.")
+    echo: FalseOnly = Field(None, description="Not supported: only false or null.")
+    best_of: OneOnly = Field(None, ge=1, description="Only 1.")
+    suffix: EmptyText = Field(None, description="Not supported (insertion): only null or ''.")
 
     @field_validator("prompt")
     @classmethod
@@ -262,9 +293,9 @@ class CompletionRequest(SamplingFields):
 
 class EmbeddingRequest(OpenAIRequest):
     model: str = Field(..., min_length=1)
-    input: str | list[str] | TokenPrompt = Field(..., description="Text or texts; token ids are a 400.")
+    input: Texts = Field(..., description="Text or texts; token ids are a 400.")
     encoding_format: Literal["float", "base64"] | None = Field(None, description="Default float.")
-    dimensions: int | None = Field(None, ge=1, description="Not supported: only null (the model's own size).")
+    dimensions: NullOnlyNumber = Field(None, ge=1, description="Not supported: only null (the model's own size).")
     user: str | None = Field(None, description=METADATA)
 
     @field_validator("input")

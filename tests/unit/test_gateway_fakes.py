@@ -14,7 +14,6 @@ import inspect
 import json
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 import httpx
 import pytest
@@ -59,7 +58,8 @@ def sse(payload: dict | str) -> bytes:
 
 def chat_events(*pieces: str) -> list[bytes]:
     chunk = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": MODEL}
-    out = [sse({**chunk, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]})]
+    role = {"role": "assistant", "content": ""}
+    out = [sse({**chunk, "choices": [{"index": 0, "delta": role, "finish_reason": None}]})]
     out += [sse({**chunk, "choices": [{"index": 0, "delta": {"content": p}, "finish_reason": None}]}) for p in pieces]
     out.append(sse({**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}) + b"data: [DONE]\n\n")
     return out
@@ -86,13 +86,13 @@ class Script:
 
 
 class _Ref:
-    """An awaitable like Ray's ObjectRef."""
+    """An awaitable like Ray's ObjectRef (nothing runs unless it is awaited)."""
 
-    def __init__(self, coroutine) -> None:
-        self._coroutine = coroutine
+    def __init__(self, fn, *args) -> None:
+        self._fn, self._args = fn, args
 
     def __await__(self):
-        return self._coroutine.__await__()
+        return self._fn(*self._args).__await__()
 
 
 async def _value(value):
@@ -128,8 +128,8 @@ class _RefGenerator:
             raise StopAsyncIteration
         index, self.index = self.index, self.index + 1
         if self.script.raise_at == index:
-            return _Ref(_raise(self.script.exception))
-        return _Ref(_value(self.items[index]))
+            return _Ref(_raise, self.script.exception)
+        return _Ref(_value, self.items[index])
 
 
 class FakeReplicaHandle:
@@ -156,8 +156,8 @@ class FakeReplicaHandle:
             self.calls.append((name, args))
             script, request_id = self._next(), args[-1]
             if script.raise_at is not None:
-                return _Ref(_raise(script.exception))
-            return _Ref(self._answer(script, request_id))
+                return _Ref(_raise, script.exception)
+            return _Ref(self._answer, script, request_id)
 
         return remote
 
@@ -178,7 +178,7 @@ class FakeReplicaHandle:
     def _cancel(self, request_id: str) -> _Ref:
         self.cancelled.append(request_id)
         self._event(request_id).set()
-        return _Ref(_value(None))
+        return _Ref(_value, None)
 
     def _event(self, request_id: str) -> asyncio.Event:
         return self._cancel_events.setdefault(request_id, asyncio.Event())
@@ -274,9 +274,10 @@ def asgi_client(app, peer: tuple[str, int] = LOOPBACK) -> httpx.AsyncClient:
 
 
 async def raw_asgi(app, method: str, path: str, body: bytes = b"", *, leave_after_chunks: int | None = None,
-                   leave_after_s: float | None = None, headers: list | None = None) -> list[dict]:
+                   leave_after_s: float | None = None, send_fails: bool = False) -> list[dict]:
     """One request straight into the ASGI app; the client leaves after N body chunks of the
-    answer, or after some seconds. Returns the messages the app sent."""
+    answer, or after some seconds, or is gone before the answer starts (`send_fails`: sending
+    raises OSError, as a server may). Returns the messages the app sent."""
     sent: list[dict] = []
     gone = asyncio.Event()
     delivered = False
@@ -290,6 +291,9 @@ async def raw_asgi(app, method: str, path: str, body: bytes = b"", *, leave_afte
         return {"type": "http.disconnect"}
 
     async def send(message: dict) -> None:
+        if send_fails:
+            gone.set()
+            raise OSError("the client is gone")
         sent.append(message)
         chunks = [m for m in sent if m["type"] == "http.response.body" and m.get("body")]
         if leave_after_chunks is not None and len(chunks) >= leave_after_chunks:
@@ -301,8 +305,7 @@ async def raw_asgi(app, method: str, path: str, body: bytes = b"", *, leave_afte
         "type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
         "method": method, "scheme": "http", "path": path, "raw_path": path.encode(), "root_path": "",
         "query_string": b"", "client": LOOPBACK, "server": ("gateway", 80),
-        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-        + (headers or []),
+        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
     }
     await asyncio.wait_for(app(scope, receive, send), timeout=10)
     return sent

@@ -20,8 +20,10 @@ from tests.unit.test_gateway_fakes import (
 
 pytestmark = pytest.mark.anyio
 USER = [{"role": "user", "content": "Hi"}]
-WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
-                                            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+CITY = {"type": "object", "properties": {"city": {"type": "string"}}}
+WEATHER = {"type": "function",
+           "function": {"name": "get_weather", "description": "Weather of a city", "parameters": CITY}}
+CALL = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
 
 
 @pytest.fixture
@@ -59,18 +61,17 @@ async def test_every_role_reaches_the_engine_unrenamed_with_names_tool_calls_and
         {"role": "developer", "content": "Answer briefly."},
         {"role": "system", "content": "You are terse.", "name": "policy"},
         {"role": "user", "content": [{"type": "text", "text": "Weather"}, {"type": "text", "text": "in Paris?"}]},
-        {"role": "assistant", "content": None, "tool_calls": [
-            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "assistant", "content": None, "tool_calls": [CALL]},
         {"role": "tool", "tool_call_id": "call_1", "content": [{"type": "text", "text": "18 C"}]},
     ]
-    response = await client.post("/v1/chat/completions", json={"model": MODEL, "messages": messages, "tools": [WEATHER]})
+    body = {"model": MODEL, "messages": messages, "tools": [WEATHER]}
+    response = await client.post("/v1/chat/completions", json=body)
     assert response.status_code == 200, response.text
     assert sent(handle)[0] == [
         {"role": "developer", "content": "Answer briefly."},
         {"role": "system", "content": "You are terse.", "name": "policy"},
         {"role": "user", "content": "Weather\nin Paris?"},
-        {"role": "assistant", "content": None, "tool_calls": [
-            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "assistant", "content": None, "tool_calls": [CALL]},
         {"role": "tool", "content": "18 C", "tool_call_id": "call_1"},
     ]
 
@@ -120,11 +121,15 @@ async def test_explicit_null_is_the_same_as_leaving_a_field_out(client, handle):
         "tool_choice", "parallel_tool_calls", "logprobs", "top_logprobs", "metadata", "store", "service_tier",
         "modalities", "audio", "prediction", "web_search_options", "reasoning_effort", "verbosity", "functions",
         "function_call", "safety_identifier", "prompt_cache_key")}
-    messages = [{"role": "user", "content": "Hi", "name": None, "tool_calls": None, "tool_call_id": None,
-                 "refusal": None, "audio": None, "function_call": None, "annotations": None}]
+    messages = [{"role": "user", "content": "Hi", "name": None},
+                {"role": "assistant", "content": "Hello", "name": None, "tool_calls": None, "refusal": None,
+                 "audio": None, "function_call": None, "annotations": None},
+                {"role": "user", "content": "Bye"}]
     response = await client.post("/v1/chat/completions", json={"model": MODEL, "messages": messages, **nulls})
     assert response.status_code == 200, response.text
-    await chat(client)
+    plain = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+             {"role": "user", "content": "Bye"}]
+    await client.post("/v1/chat/completions", json={"model": MODEL, "messages": plain})
     assert handle.calls[-2][1][:2] == handle.calls[-1][1][:2]
 
 
@@ -140,7 +145,8 @@ async def test_completions_null_fields_default_and_max_tokens_defaults_to_16(cli
 
 async def test_completions_logprobs_reach_the_engine_as_a_count(client, handle):
     handle.will(Script(answer=text_answer()))
-    assert (await client.post("/v1/completions", json={"model": MODEL, "prompt": "a", "logprobs": 2})).status_code == 200
+    response = await client.post("/v1/completions", json={"model": MODEL, "prompt": "a", "logprobs": 2})
+    assert response.status_code == 200
     assert sent(handle)[1]["logprobs"] == 2
 
 
@@ -180,7 +186,7 @@ async def test_metadata_fields_are_accepted_and_change_nothing(client, handle):
     ({"tools": [WEATHER, WEATHER]}, "tools[1].function.name", "invalid_value"),
     ({"tools": [{"type": "custom", "custom": {"name": "x"}}]}, "tools[0].type", "invalid_value"),
     ({"tools": [{"type": "function", "function": {"name": "bad name"}}]}, "tools[0].function.name", "invalid_value"),
-    ({"response_format": {"type": "xml"}}, "response_format", "invalid_value"),
+    ({"response_format": {"type": "xml"}}, "response_format.type", "invalid_value"),
     ({"response_format": {"type": "json_schema"}}, "response_format.json_schema", "missing_required_parameter"),
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": "x"}}},
      "response_format.json_schema.schema", "invalid_value"),
@@ -206,15 +212,19 @@ async def test_a_field_not_honoured_is_a_400_naming_it(client, handle, fields, p
      "messages[0].content[0]", "unsupported_value", "audio"),
     ({"role": "user", "content": [{"type": "file", "file": {"file_id": "f"}}]},
      "messages[0].content[0]", "unsupported_value", "file"),
-    ({"role": "user", "content": [{"type": "video"}]}, "messages[0].content[0]", "invalid_value", "type"),
+    ({"role": "user", "content": [{"type": "video"}]}, "messages[0].content[0].type", "invalid_value", "'text'"),
     ({"role": "user", "content": [{"type": "text"}]}, "messages[0].content[0].text", "missing_required_parameter", ""),
-    ({"role": "user"}, "messages[0].content", "invalid_value", "needs content"),
+    ({"role": "user"}, "messages[0].content", "missing_required_parameter", ""),
+    ({"role": "system", "content": None}, "messages[0].content", "invalid_value", ""),
     ({"role": "assistant"}, "messages[0].content", "invalid_value", "content or tool_calls"),
-    ({"role": "tool", "content": "18 C"}, "messages[0].tool_call_id", "invalid_value", "tool_call_id"),
-    ({"role": "user", "content": "x", "tool_call_id": "c"}, "messages[0].tool_call_id", "invalid_value", "only tool"),
-    ({"role": "user", "content": "x", "tool_calls": []}, "messages[0].tool_calls", "invalid_value", "only assistant"),
-    ({"role": "function", "name": "f", "content": "x"}, "messages[0].role", "unsupported_value", "tool"),
-    ({"role": "wizard", "content": "x"}, "messages[0].role", "invalid_value", ""),
+    ({"role": "tool", "content": "18 C"}, "messages[0].tool_call_id", "missing_required_parameter", ""),
+    ({"role": "user", "content": "x", "tool_call_id": "c"}, "messages[0].tool_call_id", "unknown_parameter", ""),
+    ({"role": "user", "content": "x", "tool_calls": []}, "messages[0].tool_calls", "unknown_parameter", ""),
+    ({"role": "system", "content": [{"type": "refusal", "refusal": "no"}]}, "messages[0].content[0].type",
+     "invalid_value", ""),
+    ({"role": "function", "name": "f", "content": "x"}, "messages[0].role", "invalid_value", "'tool' messages"),
+    ({"role": "wizard", "content": "x"}, "messages[0].role", "invalid_value", "'developer'"),
+    ({"content": "x"}, "messages[0].role", "invalid_value", ""),
     ({"role": "assistant", "content": "x", "audio": {"id": "a"}}, "messages[0].audio", "unsupported_parameter", ""),
     ({"role": "user", "content": "x", "mood": "happy"}, "messages[0].mood", "unknown_parameter", "mood"),
     ({"role": "assistant", "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": {}}}]},
