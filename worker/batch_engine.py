@@ -45,7 +45,8 @@ import numpy as np
 
 from orchestrator.core.slots import MIN_REUSE_TOKENS, SlotSnapshot, choose_slot
 from worker.generation import GenerationCancelled, Outcome, Piece, SamplingParams, StopCheck, _TextAssembler
-from worker.sampler_chain import SamplerChain, TokenPieces, token_logprob
+from worker.generation import TokenPieces, token_logprob
+from worker.sampler_chain import SamplerChain
 
 log = logging.getLogger(__name__)
 

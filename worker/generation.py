@@ -82,6 +82,7 @@ def generate(llama, prompt: list[int], params: SamplingParams, grammar=None,
     text = _TextAssembler(params.stop)
     vocab = llama._model.vocab
     n_vocab = llama.n_vocab()
+    pieces = TokenPieces(llama)
     reason = "length"
     try:
         for count, token in enumerate(tokens, start=1):
@@ -90,7 +91,8 @@ def generate(llama, prompt: list[int], params: SamplingParams, grammar=None,
                 raise GenerationCancelled
             if verdict == "length":
                 break
-            logprob = _logprob_of(llama, token, n_vocab, params.logprobs) if params.logprobs is not None else None
+            logprob = (token_logprob(llama._ctx.ctx, -1, n_vocab, token, params.logprobs, pieces)
+                       if params.logprobs is not None else None)
             if _is_end_of_generation(vocab, token):
                 outcome.completion_tokens = count
                 reason = "stop"
@@ -120,29 +122,38 @@ def _is_end_of_generation(vocab, token: int) -> bool:
     return bool(llama_cpp.llama_vocab_is_eog(vocab, token))
 
 
-def _logprob_of(llama, token: int, n_vocab: int, top_n: int) -> TokenLogprob:
-    """log-softmax of the logits the token was sampled from (the last decoded position)."""
+class TokenPieces:
+    """Bytes and text of single tokens (no special tokens), each rendered once."""
+
+    def __init__(self, model) -> None:
+        self.model = model  # anything with detokenize([token], special=False): a Llama or its model
+        self._bytes: dict[int, bytes] = {}
+
+    def raw(self, token: int) -> bytes:
+        raw = self._bytes.get(token)
+        if raw is None:
+            raw = self._bytes[token] = self.model.detokenize([token], special=False)
+        return raw
+
+    def text(self, token: int) -> str:
+        return self.raw(token).decode("utf-8", errors="replace")
+
+
+def token_logprob(ctx, batch_index: int, n_vocab: int, token: int, top_n: int, pieces: TokenPieces) -> TokenLogprob:
+    """log-softmax of the logits at `batch_index` (the row the token was sampled from)."""
     import llama_cpp
 
-    ptr = llama_cpp.llama_get_logits_ith(llama._ctx.ctx, -1)
-    logits = np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(n_vocab,))
-    logits = logits.astype(np.float64)
+    ptr = llama_cpp.llama_get_logits_ith(ctx, batch_index)
+    row = np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(n_vocab,))
+    logits = row.astype(np.float64)
     shifted = logits - logits.max()
     logprobs = shifted - np.log(np.exp(shifted).sum())
     top = ()
     if top_n:
         best = np.argpartition(-logprobs, top_n)[:top_n] if top_n < n_vocab else np.arange(n_vocab)
         best = best[np.argsort(-logprobs[best])]
-        top = tuple((_token_text(llama, int(t)), float(logprobs[t]), _token_bytes(llama, int(t))) for t in best)
-    return TokenLogprob(_token_text(llama, token), float(logprobs[token]), _token_bytes(llama, token), top)
-
-
-def _token_bytes(llama, token: int) -> tuple[int, ...]:
-    return tuple(llama.detokenize([token], special=False))
-
-
-def _token_text(llama, token: int) -> str:
-    return llama.detokenize([token], special=False).decode("utf-8", errors="replace")
+        top = tuple((pieces.text(int(t)), float(logprobs[t]), tuple(pieces.raw(int(t)))) for t in best)
+    return TokenLogprob(pieces.text(token), float(logprobs[token]), tuple(pieces.raw(token)), top)
 
 
 def partial_match_length(text: str, needles: tuple[str, ...] | list[str]) -> int:

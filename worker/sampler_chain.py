@@ -1,4 +1,4 @@
-"""One sequence's llama.cpp sampler chain, and the log-probabilities of a logits row.
+"""One sequence's llama.cpp sampler chain.
 
 The chain is the one llama-cpp-python's `Llama` builds for the single-sequence path
 (worker/generation.py), in the same order, so a request samples the same way there and in
@@ -9,11 +9,7 @@ request alone (a seeded request gives the same tokens whatever else runs beside 
 
 from __future__ import annotations
 
-import ctypes
-
-import numpy as np
-
-from worker.generation import SamplingParams, TokenLogprob
+from worker.generation import SamplingParams
 
 PENALTY_LAST_N = 64  # llama-cpp-python's last_n_tokens_size default, which the single path uses
 DEFAULT_SEED = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: llama.cpp draws a random seed
@@ -65,37 +61,3 @@ class SamplerChain:
 
     def __del__(self) -> None:
         self.close()
-
-
-class TokenPieces:
-    """Bytes and text of single tokens, as the single path renders them (no special tokens)."""
-
-    def __init__(self, model) -> None:
-        self.model = model
-        self._bytes: dict[int, bytes] = {}
-
-    def raw(self, token: int) -> bytes:
-        raw = self._bytes.get(token)
-        if raw is None:
-            raw = self._bytes[token] = self.model.detokenize([token], special=False)
-        return raw
-
-    def text(self, token: int) -> str:
-        return self.raw(token).decode("utf-8", errors="replace")
-
-
-def token_logprob(ctx, batch_index: int, n_vocab: int, token: int, top_n: int, pieces: TokenPieces) -> TokenLogprob:
-    """log-softmax of the logits at `batch_index` (the row the token was sampled from)."""
-    import llama_cpp
-
-    ptr = llama_cpp.llama_get_logits_ith(ctx, batch_index)
-    row = np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(n_vocab,))
-    logits = row.astype(np.float64)
-    shifted = logits - logits.max()
-    logprobs = shifted - np.log(np.exp(shifted).sum())
-    top = ()
-    if top_n:
-        best = np.argpartition(-logprobs, top_n)[:top_n] if top_n < n_vocab else np.arange(n_vocab)
-        best = best[np.argsort(-logprobs[best])]
-        top = tuple((pieces.text(int(t)), float(logprobs[t]), tuple(pieces.raw(int(t)))) for t in best)
-    return TokenLogprob(pieces.text(token), float(logprobs[token]), tuple(pieces.raw(token)), top)
