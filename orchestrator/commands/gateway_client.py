@@ -49,3 +49,16 @@ def error_message(response: httpx.Response) -> str:
         return str(response.json()["error"]["message"])
     except (ValueError, KeyError, TypeError):
         return response.text[:200] or response.reason_phrase
+
+
+def fetch_view(url: str, api_key: str | None = None, transport: httpx.BaseTransport | None = None):
+    """(raw JSON, ClusterView) of {url}/api/cluster; GatewayError when it is not a cluster view."""
+    from pydantic import ValidationError
+
+    from orchestrator.cluster_view import ClusterView
+
+    payload = call(url, "GET", "/api/cluster", api_key, transport=transport)
+    try:
+        return payload, ClusterView.model_validate(payload)
+    except ValidationError as exc:
+        raise GatewayError(f"{url}/api/cluster did not answer with a cluster view:\n{exc}") from None

@@ -7,10 +7,7 @@ import argparse
 import json
 import sys
 
-from pydantic import ValidationError
-
-from orchestrator.cluster_view import ClusterView
-from orchestrator.commands.gateway_client import GatewayError, call, gateway_url
+from orchestrator.commands.gateway_client import GatewayError, call, fetch_view, gateway_url
 from orchestrator.models_report import render_models, render_prune
 
 
@@ -37,13 +34,9 @@ def run(args: argparse.Namespace) -> int:
             result = call(url, "POST", "/api/models/prune", args.api_key, {"dry_run": args.dry_run}, timeout_s=120)
             sys.stdout.write(json.dumps(result, indent=2) + "\n" if args.json else render_prune(result))
             return 0
-        payload = call(url, "GET", "/api/cluster", args.api_key)
-        view = ClusterView.model_validate(payload)
+        _, view = fetch_view(url, args.api_key)
     except GatewayError as exc:
         print(f"homefleet models: {exc}", file=sys.stderr)
-        return 1
-    except ValidationError as exc:
-        print(f"homefleet models: {url}/api/cluster did not answer with a cluster view:\n{exc}", file=sys.stderr)
         return 1
     if args.json:
         stores = {n.name: n.store.model_dump(mode="json") if n.store else None for n in view.nodes}

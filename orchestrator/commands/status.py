@@ -9,10 +9,8 @@ import shutil
 import sys
 
 import httpx
-from pydantic import ValidationError
 
-from orchestrator.cluster_view import ClusterView
-from orchestrator.commands.gateway_client import DEFAULT_URL, GatewayError, call
+from orchestrator.commands.gateway_client import DEFAULT_URL, GatewayError, call, fetch_view
 from orchestrator.status_report import render_status
 
 
@@ -47,13 +45,9 @@ def run(args: argparse.Namespace) -> int:
     url = (args.url or os.environ.get("HOMEFLEET_URL") or DEFAULT_URL).rstrip("/")
     api_key = args.api_key or os.environ.get("HOMEFLEET_API_KEY") or None
     try:
-        payload = fetch_cluster(url, api_key)
-        view = ClusterView.model_validate(payload)
-    except StatusError as exc:
+        payload, view = fetch_view(url, api_key)
+    except GatewayError as exc:
         print(f"homefleet status: {exc}", file=sys.stderr)
-        return 1
-    except ValidationError as exc:
-        print(f"homefleet status: {url}/api/cluster did not answer with a cluster view:\n{exc}", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(payload, indent=2))
