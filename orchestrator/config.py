@@ -39,6 +39,13 @@ class GatewayConfig(_Strict):
     max_body_bytes: int = Field(
         8 * 1024 * 1024, ge=1024, description="Largest request body; a larger one is answered 413 before it is parsed."
     )
+    admin_key: str | None = Field(
+        None, description="Key (Bearer) for load, unload and reload from any address but loopback; "
+        "env HOMEFLEET_ADMIN_KEY. Without one, those calls are refused off loopback.",
+    )
+    load_timeout_s: float = Field(
+        300.0, gt=0, description="How long a request for a model that is not loaded waits for it to load."
+    )
     cors_origins: list[str] = Field(
         default_factory=list,
         description="Browser origins allowed to call the endpoint (CORS), e.g. http://localhost:3000, or '*'; "
@@ -96,6 +103,18 @@ class ModelConfig(_Strict):
     flash_attn: bool = Field(False, description="Use flash attention.")
     kv_type: KvType = Field("f16", description="KV cache type; q8_0/q4_0 need flash_attn.")
     embedding: bool = Field(False, description="Serve /v1/embeddings with this model.")
+    parallel: int | None = Field(
+        None, ge=1, le=64,
+        description="Requests a replica serves at once (slots, each with the full context); "
+        "by default as many, up to 4, as the node can hold.",
+    )
+    load: Literal["always", "on_demand"] = Field(
+        "always", description="`always`: loaded at start and kept; `on_demand`: loaded by its first request."
+    )
+    keep_alive: str | int | float | None = Field(
+        None, description="How long it stays loaded after its last request: seconds, or 30s/5m/1h; -1 for ever. "
+        "Default: for ever for `load: always`, 30m for `on_demand`.",
+    )
 
     @field_validator("name")
     @classmethod
@@ -103,6 +122,28 @@ class ModelConfig(_Strict):
         if not MODEL_NAME_PATTERN.match(value):
             raise ValueError("must be letters, digits, '.', '_', ':' or '-' (no spaces or slashes)")
         return value
+
+    @field_validator("keep_alive")
+    @classmethod
+    def _keep_alive_is_duration(cls, value):
+        if value is None:
+            return None
+        from orchestrator.core.keep_alive import KeepAliveError, parse_keep_alive
+
+        try:
+            parse_keep_alive(value)
+        except KeepAliveError as exc:
+            raise ValueError(str(exc)) from None
+        return value
+
+    @property
+    def keep_alive_s(self) -> float | None:
+        """Seconds it stays loaded after its last request; None: for ever."""
+        from orchestrator.core.keep_alive import DEFAULT_ON_DEMAND_S, parse_keep_alive
+
+        if self.keep_alive is None:
+            return DEFAULT_ON_DEMAND_S if self.load == "on_demand" else None
+        return parse_keep_alive(self.keep_alive)
 
     @field_validator("url")
     @classmethod
