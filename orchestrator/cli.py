@@ -6,8 +6,9 @@ import argparse
 import importlib
 import sys
 
-# Subcommand modules; each exposes register(subparsers) and sets func=run(args) -> int.
-COMMANDS = ("up", "join", "status", "chat", "plan", "fit", "pull", "models")
+# Subcommand modules; each exposes register(subparsers) and sets func=run(args) -> int
+# (manage registers three: load, unload, reload).
+COMMANDS = ("up", "join", "status", "chat", "plan", "fit", "pull", "models", "manage")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,7 +14,8 @@ from orchestrator.core.hardware import NodeHardware
 from orchestrator.core.store_types import StoreReport, TransferProgress
 
 NodeState = Literal["alive", "gone"]
-ReplicaState = Literal["pending", "copying", "downloading", "loading", "ready", "failed", "stopped"]
+ReplicaState = Literal["not_loaded", "pending", "copying", "downloading", "loading", "ready", "unloading", "failed",
+                       "stopped"]
 
 
 class NodeView(BaseModel):
@@ -49,6 +50,7 @@ class ReplicaView(BaseModel):
     load_seconds: float | None = None
     decode_tokens_per_s: float | None = Field(None, description="Measured on recent requests.")
     in_flight: int = 0
+    slots: int = Field(1, description="Requests it decodes at once.")
     requests_served: int = 0
     transfer: TransferProgress | None = Field(None, description="Its file coming to the node (copying/downloading).")
 
@@ -92,9 +94,23 @@ class ModelView(BaseModel):
     reason: str | None = None
     replicas: list[ReplicaView] = Field(default_factory=list)
     estimate_source: str | None = Field(None, description="Where the memory estimate came from.")
+    load: str = Field("always", description="`always` (loaded at start) or `on_demand` (by its first request).")
+    keep_alive: str | None = Field(None, description="How long it stays loaded after its last request (None: for ever).")
+    unloads_in_s: float | None = Field(None, description="When ready and idle: seconds until its idle unload.")
+    in_flight: int = Field(0, description="Requests being served or queued on its replicas.")
+    waiting: int = Field(0, description="Requests waiting for it to load.")
+
+
+class EventView(BaseModel):
+    at: float = Field(..., description="Unix time.")
+    kind: str = Field(..., description="load_requested, loaded, unloaded, idle_unload, evicted, ...")
+    model: str
+    node: str | None = None
+    reason: str
 
 
 class ClusterView(BaseModel):
     nodes: list[NodeView] = Field(default_factory=list)
     models: list[ModelView] = Field(default_factory=list)
+    events: list[EventView] = Field(default_factory=list, description="The latest loads and unloads, oldest first.")
     generated_at: float

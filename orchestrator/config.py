@@ -100,7 +100,9 @@ class ModelConfig(_Strict):
     gpu_layers: int | None = Field(None, ge=-1, description="Layers on the GPU (-1 all, 0 CPU only); estimated when unset.")
     keep_free_vram_mib: int = Field(0, ge=0, description="VRAM to leave free on the chosen GPU.")
     n_threads: int | None = Field(None, ge=1, description="CPU threads for decoding; physical cores by default.")
-    flash_attn: bool = Field(False, description="Use flash attention.")
+    flash_attn: bool | None = Field(
+        None, description="Flash attention: true on, false off; unset: llama.cpp decides (on where the backend has it)."
+    )
     kv_type: KvType = Field("f16", description="KV cache type; q8_0/q4_0 need flash_attn.")
     embedding: bool = Field(False, description="Serve /v1/embeddings with this model.")
     parallel: int | None = Field(

@@ -17,11 +17,9 @@ from orchestrator.cluster_view import ClusterView
 from orchestrator.config import HomefleetConfig, ModelConfig
 from orchestrator.controller_view import cluster_view
 from orchestrator.core.hardware import GIB, NodeHardware
-from orchestrator.core.memory import scaled_need
 from orchestrator.core.placement import (
     Assignment,
     NodeSnapshot,
-    Reservation,
     Unplaced,
     place,
     snapshot_from_hardware,
@@ -31,8 +29,10 @@ from orchestrator.demand import demands_for
 from orchestrator.copy_flow import CopyFlow, transfer_text
 from orchestrator.file_keeper import FileKeeper
 from orchestrator.ray_actors import RayCluster
+from orchestrator.residency import Residency
 
 log = logging.getLogger(__name__)
+UNLOAD_KINDS = ("unloaded", "evicted", "idle_unload")
 
 
 @dataclass
@@ -67,7 +67,7 @@ class ReplicaRecord:
     node_name: str
     assignment: Assignment
     handle: object
-    state: str = "loading"  # copying / downloading (its file), loading, ready
+    state: str = "loading"  # copying / downloading (its file), loading, ready, unloading
     reason: str | None = None
     info: dict = field(default_factory=dict)
     in_flight: int = 0
@@ -80,11 +80,16 @@ class ReplicaRecord:
         return f"{self.model}#{self.index}"
 
     @property
+    def slots(self) -> int:
+        """Requests it decodes at once: what it reports, else what it was started with."""
+        return int(self.info.get("parallel") or getattr(self.assignment, "parallel", 1))
+
+    @property
     def fetching(self) -> bool:
         return self.state in ("copying", "downloading")
 
 
-class Controller(CopyFlow):
+class Controller(CopyFlow, Residency):
     def __init__(self, config: HomefleetConfig, cluster: RayCluster, interval_s: float | None = None) -> None:
         self.config = config
         self.cluster = cluster
@@ -105,6 +110,8 @@ class Controller(CopyFlow):
         self.ticks = 0
         self.files = FileKeeper(config, cluster, self.nodes)
         self.copy_waits: dict[str, str] = {}  # model -> why its copy cannot start yet
+        self.config_path: str | None = None  # the file `up` read; `reload` reads it again
+        self._init_residency()
 
     @property
     def models(self) -> dict[str, ModelConfig]:
@@ -122,7 +129,7 @@ class Controller(CopyFlow):
                 raise
             except Exception:
                 log.exception("controller tick failed")
-            await asyncio.sleep(self.interval_s)
+            await self._sleep_until_woken(self.interval_s)
 
     async def stop(self) -> None:
         if self._task:
@@ -148,7 +155,11 @@ class Controller(CopyFlow):
         self.files.resolve_urls(self._spawn)
         await self._load_shapes()
         self._follow_transfers()
-        self._reconcile()
+        await self._unload_expired()
+        await self._finish_unloading()
+        await self._reconcile()
+        # After placing: a replica found dead here is placed again next tick, once the node
+        # list says whether its node is still there.
         await self._poll_replicas()
         self.ticks += 1
 
@@ -194,16 +205,20 @@ class Controller(CopyFlow):
             node.transfers = {t["transfer_id"]: TransferProgress.model_validate(t) for t in report.get("transfers", ())}
 
     async def _poll_replicas(self) -> None:
-        """Measured memory of each ready replica, so the ledger and the views trust real figures."""
-        ready = [r for r in self.replicas.values() if r.state == "ready"]
+        """Measured memory of each ready replica, so the ledger and the views trust real figures;
+        the load progress of each loading one."""
+        ready = [r for r in self.replicas.values() if r.state in ("ready", "loading", "unloading")]
         infos = await asyncio.gather(
             *(self.cluster.info(r.handle, timeout_s=max(5.0, 2 * self.interval_s)) for r in ready),
             return_exceptions=True,
         )
         for replica, info in zip(ready, infos):
             if isinstance(info, BaseException):
-                if self.cluster.is_dead_actor_error(info):
+                if self.cluster.is_dead_actor_error(info) and replica.state != "loading":
                     await self.replica_died(replica, f"replica process died: {type(info).__name__}")
+                continue
+            if replica.state == "loading":
+                replica.info["load_progress"] = info.get("load_progress")
                 continue
             replica.info = info
             self._calibrate_speed(replica)
@@ -290,10 +305,11 @@ class Controller(CopyFlow):
 
         real_gpu = bool(holder.hardware and holder.hardware.gpus and holder.hardware.source == "probe")
         gpu_layers = shape.n_layers + 1 if real_gpu else 0
-        opts = EstimateOptions(n_ctx=model.context, kv_type=model.kv_type, flash_attn=model.flash_attn)
+        opts = EstimateOptions(n_ctx=model.context, kv_type=model.kv_type, flash_attn=bool(model.flash_attn),
+                               n_slots=model.parallel or 1)
         try:
             result = await self.cluster.dry_run(holder.agent, path, model.context, gpu_layers,
-                                                model.kv_type, model.flash_attn)
+                                                model.kv_type, model.flash_attn, n_slots=model.parallel or 1)
             calibration = calibration_from_dry_run(shape, opts, gpu_layers, result, holder.name or "?", real_gpu)
         except Exception as exc:
             log.info("no dry run for %s: %s", model.name, exc)
@@ -313,24 +329,6 @@ class Controller(CopyFlow):
                 out.append(snapshot_from_hardware(node.hardware, held, disk_free))
         return out
 
-    def _reservations(self) -> dict[str, Reservation]:
-        """Memory our replicas hold that measurement does not show yet (or ever, on a declared GPU)."""
-        vram: dict[str, dict[int, int]] = {}
-        ram: dict[str, int] = {}
-        for replica in self.replicas.values():
-            node = self.nodes.get(replica.node_id)
-            a = replica.assignment
-            loading = replica.state in ("loading", "copying", "downloading")
-            declared_gpu = node is not None and node.hardware is not None and node.hardware.source == "file"
-            if a.gpu_index is not None and (loading or declared_gpu):
-                measured = (replica.info.get("memory") or {}).get("vram_bytes")
-                held = measured if measured and not loading else a.gpu_bytes
-                by_gpu = vram.setdefault(a.node, {})
-                by_gpu[a.gpu_index] = by_gpu.get(a.gpu_index, 0) + held
-            if loading:
-                ram[a.node] = ram.get(a.node, 0) + a.ram_bytes
-        return {n: Reservation(vram.get(n, {}), ram.get(n, 0)) for n in set(vram) | set(ram)}
-
     def _demands(self, model: ModelConfig) -> list:
         """A model's demands, built once: need(k) is cached inside them across ticks."""
         if model.name in self._calibrations_pending:
@@ -343,7 +341,7 @@ class Controller(CopyFlow):
             )
             calibration = self.calibrations.get(model.name)
             if calibration is not None:
-                demands = [replace(d, need=scaled_need(d.need, calibration.factor)) for d in demands]
+                demands = [d.scaled(calibration.factor) for d in demands]
             file_bytes = self.files.size_bytes(model.name)
             if not file_bytes:
                 return demands  # size known soon (a holder's report, or the URL): not cached until then
@@ -360,31 +358,56 @@ class Controller(CopyFlow):
         reported = {n.name for n in self.nodes.values() if n.alive and n.hardware is not None}
         return [name for name in cluster.wait_for_nodes if name not in reported]
 
-    def _reconcile(self) -> None:
+    async def _reconcile(self) -> None:
         missing = self._missing_nodes()
         if missing:
             self.waiting_for = missing
             return
         self.waiting_for = []
-        demands = [d for m in self.config.models if m.name in self.shapes for d in self._demands(m)]
+        wanted = [m for m in self.config.models if m.name in self.shapes and m.name in self.wanted]
+        demands = [d for m in wanted for d in self._demands(m)]
         demands = [d for d in demands if (d.model, d.replica) not in self.failed_keys]
         current = [r.assignment for r in self.replicas.values()]
-        result = place(self._snapshots(), demands, current=current, reserved=self._reservations())
+        result = place(self._ledger_snapshots(), demands, current=current)
         self.unplaced = {}
         for miss in result.unplaced:
             self.unplaced.setdefault(miss.model, miss)
-        by_name = {n.name: n for n in self.nodes.values() if n.alive}
         self.copy_waits = {}
+        running = {(a.model, a.replica) for a in current}
+        # A new replica that would not run whole on a GPU may get there by unloading idle models.
+        second_best = [a for a in result.assignments if (a.model, a.replica) not in running and a.kind != "gpu"]
         for assignment in result.assignments:
-            key = (assignment.model, assignment.replica)
-            if key in self.replicas or assignment.node not in by_name:
-                continue
-            model, node = self.models[assignment.model], by_name[assignment.node]
-            held = self.files.holders(model.name).get(node.name)
-            if held is not None:
-                self._start_replica(model, assignment, node, held.path)
-            else:
-                self._start_copy(model, assignment, node)
+            if assignment not in second_best:
+                self._start(assignment)
+        misfits = [(a.model, a.replica) for a in second_best] + [(m.model, m.replica) for m in result.unplaced]
+        if misfits:
+            by_key = {(d.model, d.replica): d for d in demands}
+            chosen = {(a.model, a.replica): a for a in second_best}
+            for key, plan in self._make_room(misfits, by_key, current).items():
+                if plan is not None:
+                    await self._evict(plan, key[0])
+                    self.unplaced.pop(key[0], None)
+                    chosen[key] = plan.assignment
+            for assignment in chosen.values():
+                self._start(assignment)
+        for name in list(self.cannot_place):
+            if name not in self.wanted or name not in self.unplaced:
+                self.cannot_place.pop(name, None)
+            elif self.models[name].load == "on_demand" and not self.busy(name):
+                self.wanted.discard(name)  # nobody waits for it any more: not loaded, not pending
+
+    def _start(self, assignment: Assignment) -> None:
+        """Start the replica `assignment` places (copying its file there first if needed)."""
+        key = (assignment.model, assignment.replica)
+        by_name = {n.name: n for n in self.nodes.values() if n.alive}
+        if key in self.replicas or assignment.node not in by_name:
+            return
+        model, node = self.models[assignment.model], by_name[assignment.node]
+        held = self.files.holders(model.name).get(node.name)
+        if held is not None:
+            self._start_replica(model, assignment, node, held.path)
+        else:
+            self._start_copy(model, assignment, node)
 
     def _start_replica(self, model: ModelConfig, assignment: Assignment, node: NodeRecord, path: str,
                        transfer: TransferProgress | None = None) -> None:
@@ -398,6 +421,8 @@ class Controller(CopyFlow):
             "flash_attn": model.flash_attn,
             "kv_type": model.kv_type,
             "embedding": model.embedding,
+            "parallel": 1 if model.embedding else assignment.parallel,
+            "gpu_index": assignment.gpu_index,
         }
         record = ReplicaRecord(
             model=model.name,
@@ -426,12 +451,24 @@ class Controller(CopyFlow):
         except Exception as exc:
             if self.replicas.get(key) is not record:
                 return  # its node left while it loaded; a new replica has taken its place
+            if self.cluster.is_node_gone_error(exc):  # not the model's fault: place it again
+                log.warning("%s could not start on %s (%s); placing it again", record.replica_id,
+                            record.node_name, type(exc).__name__)
+                del self.replicas[key]
+                return
             info = {"state": "failed", "reason": f"replica process died while loading: {type(exc).__name__}"}
         if self.replicas.get(key) is not record:
             return
         record.info = info
+        if record.state == "unloading":  # unloaded while it loaded: the tick stops it
+            return
         record.state = info.get("state", "failed")
         record.reason = info.get("reason")
+        self.last_used[record.model] = time.monotonic()
+        self.states_changed()
+        if record.state == "ready":
+            self.record_event("loaded", record.model, record.node_name,
+                              f"{record.replica_id} ready in {info.get('load_seconds', 0):.1f} s")
         if record.state == "failed":
             # Stays failed with its reason; the other models keep serving.
             log.warning("%s failed: %s", record.replica_id, record.reason)
@@ -449,12 +486,19 @@ class Controller(CopyFlow):
         if any(r.state == "ready" for r in replicas):
             return "ready", None
         if any(r.state == "loading" for r in replicas):
-            return "loading", None
+            loading = next(r for r in replicas if r.state == "loading")
+            progress = loading.info.get("load_progress")
+            return "loading", (f"{int(100 * progress)}% " if progress is not None else "") + f"on {loading.node_name}"
         fetching = [r for r in replicas if r.fetching]
         if fetching:
             return fetching[0].state, transfer_text(fetching[0])
         if failed:
             return "failed", failed[0].reason
+        if any(r.state == "unloading" for r in replicas):
+            return "unloading", next(r.reason for r in replicas if r.state == "unloading")
+        if name not in self.wanted and name not in self.model_problems:
+            last = next((e for e in reversed(self.events) if e["model"] == name and e["kind"] in UNLOAD_KINDS), None)
+            return "not_loaded", last["reason"] if last else "loads on its first request"
         if self.waiting_for:
             return "pending", "waiting for nodes to join: " + ", ".join(self.waiting_for)
         if name in self.model_problems:

@@ -5,7 +5,10 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from orchestrator.cluster_view import ClusterView, ModelFileView, ModelView, NodeView, ReplicaView
+from orchestrator.cluster_view import ClusterView, EventView, ModelFileView, ModelView, NodeView, ReplicaView
+from orchestrator.core.keep_alive import describe_keep_alive
+
+EVENTS_SHOWN = 50
 
 if TYPE_CHECKING:
     from orchestrator.controller import Controller, ReplicaRecord
@@ -42,8 +45,8 @@ def cluster_view(controller: Controller) -> ClusterView:
                 replicas.append(
                     ReplicaView(
                         replica_id=f"{model.name}#{index}",
-                        state=state if state in ("pending", "failed") else "pending",
-                        reason=(reason if state in ("pending", "failed") else None)
+                        state=state if state in ("pending", "failed", "not_loaded") else "pending",
+                        reason=(reason if state in ("pending", "failed", "not_loaded") else None)
                         or controller.unplaced_reason(model.name) or "waiting for a node with room",
                     )
                 )
@@ -60,9 +63,14 @@ def cluster_view(controller: Controller) -> ClusterView:
             ModelView(
                 name=model.name, path=model.path, file=file_view, context=model.context, state=state, reason=reason,
                 replicas=replicas, estimate_source=controller.estimate_source(model.name),
+                load=model.load, keep_alive=describe_keep_alive(controller.keep_alive_s(model.name)),
+                unloads_in_s=controller.unloads_in_s(model.name) if state == "ready" else None,
+                in_flight=sum(r.in_flight for r in controller.replicas.values() if r.model == model.name),
+                waiting=controller.waiting.get(model.name, 0),
             )
         )
-    return ClusterView(nodes=nodes, models=models, generated_at=time.time())
+    events = [EventView(**e) for e in list(controller.events)[-EVENTS_SHOWN:]]
+    return ClusterView(nodes=nodes, models=models, events=events, generated_at=time.time())
 
 
 def _replica_view(r: ReplicaRecord) -> ReplicaView:
@@ -83,6 +91,7 @@ def _replica_view(r: ReplicaRecord) -> ReplicaView:
         load_seconds=r.info.get("load_seconds"),
         decode_tokens_per_s=r.info.get("decode_tokens_per_s"),
         in_flight=r.in_flight,
+        slots=r.slots,
         requests_served=r.served,
         transfer=r.transfer,
     )

@@ -2,8 +2,14 @@
 
 The shape of a model (layers, tensor bytes, attention layout) comes from its GGUF header
 when the file is on this machine, else from the catalog; the memory estimate turns a shape
-and a context length into need(k). Both are passed in, so tests use fakes and the
-controller can read shapes on the nodes that hold the files.
+and a context length into needs(s)(k): memory with k layers on the GPU and s slots (requests
+served at once, each with the full context). Both are passed in, so tests use fakes and
+the controller can read shapes on the nodes that hold the files.
+
+Slots: a model that sets `parallel` gets a demand of exactly that many; one that leaves it
+unset lets placement pick, as many as its node can hold up to DEFAULT_MAX_SLOTS (4)
+(orchestrator/core/placement.py, "Slots"). An embedding model runs llama-cpp-python's
+`Llama` (one request at a time): one slot, sized as that context.
 """
 
 from __future__ import annotations
@@ -13,16 +19,15 @@ from pathlib import Path
 
 from orchestrator.config import ModelConfig
 from orchestrator.core import catalog
-from orchestrator.core.estimate import EstimateOptions, need_function
+from orchestrator.core.estimate import EstimateOptions, need_function, slot_needs
 from orchestrator.core.hardware import MIB
-from orchestrator.core.memory import NeedFunction
 from orchestrator.core.model_shape import ModelShape, shape_from_gguf
-from orchestrator.core.placement import ModelDemand
+from orchestrator.core.placement import DEFAULT_MAX_SLOTS, ModelDemand, SlotNeeds
 from worker.paths import resolve_path
 
 ShapeLoader = Callable[[ModelConfig], ModelShape]
-# (shape, model) -> (offloadable layers: blocks + output layer, need(k) for k in 0..layers)
-NeedBuilder = Callable[[ModelShape, ModelConfig], tuple[int, NeedFunction]]
+# (shape, model) -> (offloadable layers: blocks + output layer, needs: slots -> need(k) for k in 0..layers)
+NeedBuilder = Callable[[ModelShape, ModelConfig], tuple[int, SlotNeeds]]
 ProblemSink = Callable[[str, str], None]
 
 # What a loader or the estimate raises for a model it cannot size (GGUFError and
@@ -50,8 +55,10 @@ def demands_for(
     for model in config_models:
         if model.replicas == 0:
             continue
+        slots = fixed_slots(model)
         try:
-            n_layers, need = build(shape_loader(model), model)
+            n_layers, needs = build(shape_loader(model), model)
+            need = needs(slots or 1)
         except SIZING_ERRORS as exc:
             message = f"cannot estimate its memory: {exc}"
             if on_problem is None:
@@ -67,16 +74,29 @@ def demands_for(
                 pin_node=model.node,
                 gpu_layers=model.gpu_layers,
                 keep_free_vram_bytes=model.keep_free_vram_mib * MIB,
+                slots=slots or 1,
+                need_for_slots=None if slots else needs,
+                max_slots=DEFAULT_MAX_SLOTS,
             )
             for replica in range(model.replicas)
         ]
     return demands
 
 
-def estimate_need(shape: ModelShape, model: ModelConfig) -> tuple[int, NeedFunction]:
-    """The analytic estimate (orchestrator/core/estimate.py) with the model's context settings."""
-    opts = EstimateOptions(n_ctx=model.context, kv_type=model.kv_type, flash_attn=model.flash_attn)
-    return offloadable_layers(shape), need_function(shape, opts)
+def fixed_slots(model: ModelConfig) -> int | None:
+    """The slot count the config fixes (`parallel`; 1 for an embedding model), else None."""
+    return 1 if model.embedding else model.parallel
+
+
+def estimate_need(shape: ModelShape, model: ModelConfig) -> tuple[int, SlotNeeds]:
+    """The analytic estimate (orchestrator/core/estimate.py) with the model's context settings:
+    the batched engine's context per slot count, or `Llama`'s for an embedding model."""
+    opts = EstimateOptions(n_ctx=model.context, kv_type=model.kv_type, flash_attn=bool(model.flash_attn))
+    if model.embedding:  # llama-cpp-python's defaults: full sliding-window cache, a ubatch of logits
+        need = need_function(shape, EstimateOptions(n_ctx=model.context, kv_type=model.kv_type,
+                                                    flash_attn=bool(model.flash_attn), swa_full=True, n_outputs_max=0))
+        return offloadable_layers(shape), lambda n_slots: need
+    return offloadable_layers(shape), slot_needs(shape, opts)
 
 
 def offloadable_layers(shape: ModelShape) -> int:

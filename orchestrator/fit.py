@@ -5,6 +5,12 @@ Pure: takes a ModelShape, EstimateOptions and NodeHardware values, returns a Fit
 (orchestrator.core.placement.DEFAULT_MARGINS): usable VRAM = free - max(256 MiB, 5% of
 total), usable RAM = available - max(1 GiB, 5% of total), so `fit` and `plan` agree.
 
+Slots: a replica serves several requests at once, each slot with the full context
+(EstimateOptions.n_slots). `fit_report` gives each node the most slots, up to
+`max_slots` (placement's default of 4), that keep the verdict that opts.n_slots slots get
+there (whole on the GPU stays whole, a split a split, CPU only CPU only), as placement
+picks them for a model that leaves `parallel` unset; `max_slots=opts.n_slots` fixes them.
+
 Decode speed: generating a token reads every weight it uses once (the blocks and the
 output layer; the embedding only one row), the GPU part at the card's memory bandwidth and
 the CPU part at the RAM bandwidth, each at an efficiency below the peak; a per-node factor
@@ -14,13 +20,13 @@ calibrates a machine against a measured figure.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
-from orchestrator.core.estimate import EstimateOptions, MemoryEstimate, estimate, need_function
+from orchestrator.core.estimate import EstimateOptions, MemoryEstimate, estimate, need_function, slot_needs
 from orchestrator.core.hardware import GpuInfo, NodeHardware, format_bytes
 from orchestrator.core.model_shape import ModelShape
-from orchestrator.core.placement import DEFAULT_MARGINS, Margins
+from orchestrator.core.placement import DEFAULT_MARGINS, DEFAULT_MAX_SLOTS, Margins
 
 GPU_DECODE_EFFICIENCY = 0.7  # share of peak VRAM bandwidth llama.cpp's decode reaches
 CPU_DECODE_EFFICIENCY = 0.55  # share of peak RAM bandwidth (dual-channel DDR4/DDR5)
@@ -42,6 +48,7 @@ class NodeFit:
     ram_usable_bytes: int
     tokens_per_s: float | None
     summary: str
+    n_slots: int = 1  # requests served at once, each with the full context
 
 
 @dataclass(frozen=True)
@@ -53,6 +60,7 @@ class FitReport:
     whole_gpu: MemoryEstimate
     cpu_only: MemoryEstimate
     nodes: tuple[NodeFit, ...]
+    max_slots: int = 1  # the most slots a node was given (per node: NodeFit.n_slots)
 
 
 def usable_vram_bytes(gpu: GpuInfo, margins: Margins = DEFAULT_MARGINS) -> int:
@@ -110,10 +118,31 @@ def _most_gpu_layers(need, n_offloadable: int, vram: int, ram: int) -> int:
 
 def fit_node(
     shape: ModelShape, opts: EstimateOptions, node: NodeHardware,
-    margins: Margins = DEFAULT_MARGINS, calibration: float = 1.0, need=None,
+    margins: Margins = DEFAULT_MARGINS, calibration: float = 1.0, need=None, max_slots: int | None = None,
+    needs=None,
 ) -> NodeFit:
-    """Where `shape` fits on `node`: whole on its best GPU, split, CPU only, or not at all."""
-    need = need or need_function(shape, opts)
+    """Where `shape` fits on `node`: whole on its best GPU, split, CPU only, or not at all.
+
+    With `max_slots` above opts.n_slots: the most slots, down from max_slots, that get the
+    same verdict as opts.n_slots (module docstring); `needs(s)` gives need(k) at s slots."""
+    base = _fit_at(shape, opts, node, margins, calibration, need or need_function(shape, opts))
+    if max_slots is None or max_slots <= opts.n_slots or base.verdict == "none":
+        return base
+    needs = needs or slot_needs(shape, opts)
+    for n_slots in range(max_slots, opts.n_slots, -1):
+        more = _fit_at(shape, replace(opts, n_slots=n_slots), node, margins, calibration, needs(n_slots))
+        if more.verdict == base.verdict:
+            return more
+    return base
+
+
+def _slots(n: int) -> str:
+    return f"{n} slot" if n == 1 else f"{n} slots"
+
+
+def _fit_at(
+    shape: ModelShape, opts: EstimateOptions, node: NodeHardware, margins: Margins, calibration: float, need,
+) -> NodeFit:
     n_off = shape.n_layers + 1
     ram = usable_ram_bytes(node, margins)
     best: tuple[int, GpuInfo, int] | None = None
@@ -123,44 +152,51 @@ def fit_node(
         if k and (best is None or k > best[0] or (k == best[0] and vram > best[2])):
             best = (k, g, vram)
     top_vram = max((usable_vram_bytes(g, margins) for g in node.gpus), default=0)
+    slots = _slots(opts.n_slots)
 
     def result(verdict: Verdict, k: int, g: GpuInfo | None, summary: str) -> NodeFit:
         n = need(k)
         speed = decode_tokens_per_s(shape, k, node, g, calibration) if verdict != "none" else None
         vram = usable_vram_bytes(g, margins) if g else top_vram
         return NodeFit(node.name, verdict, k, n_off, g.name if g else None, n.gpu_bytes if g else 0,
-                       n.ram_bytes, vram, ram, speed, summary)
+                       n.ram_bytes, vram, ram, speed, summary, opts.n_slots)
 
     if best is not None:
         k, g, vram = best
         n = need(k)
         room = f"{format_bytes(n.gpu_bytes)} of {format_bytes(vram)} usable VRAM, {format_bytes(n.ram_bytes)} RAM"
         if k == n_off:
-            return result("gpu", k, g, f"whole on GPU ({g.name}): {room}")
-        return result("split", k, g, f"{k} of {n_off} layers on GPU ({g.name}): {room}")
+            return result("gpu", k, g, f"whole on GPU ({g.name}), {slots}: {room}")
+        return result("split", k, g, f"{k} of {n_off} layers on GPU ({g.name}), {slots}: {room}")
     cpu = need(0)
     if cpu.ram_bytes <= ram:
         why = f"; all layers need {format_bytes(need(n_off).gpu_bytes)} VRAM" if node.gpus else ""
-        return result("cpu", 0, None, f"CPU only: {format_bytes(cpu.ram_bytes)} of {format_bytes(ram)} usable RAM{why}")
+        return result("cpu", 0, None,
+                      f"CPU only, {slots}: {format_bytes(cpu.ram_bytes)} of {format_bytes(ram)} usable RAM{why}")
     parts = [f"needs {format_bytes(cpu.ram_bytes)} RAM CPU-only, {format_bytes(ram)} usable"]
     if node.gpus:
         parts.insert(0, f"needs {format_bytes(need(n_off).gpu_bytes)} VRAM for all {n_off} layers, "
                         f"{format_bytes(top_vram)} usable")
-    return result("none", 0, None, "does not fit: " + "; ".join(parts))
+    at = f" ({slots})" if opts.n_slots > 1 else ""
+    return result("none", 0, None, f"does not fit{at}: " + "; ".join(parts))
 
 
 def fit_report(
     shape: ModelShape, opts: EstimateOptions, nodes: Sequence[NodeHardware], source: str = "catalog",
     margins: Margins = DEFAULT_MARGINS, calibrations: Mapping[str, float] | None = None,
+    max_slots: int = DEFAULT_MAX_SLOTS,
 ) -> FitReport:
-    need = need_function(shape, opts)
+    """Breakdown at opts (opts.n_slots slots) and, per node, the fit with the most slots up
+    to `max_slots` that keep the verdict (pass max_slots=opts.n_slots for exactly those)."""
+    needs = slot_needs(shape, opts)
     fits = tuple(
-        fit_node(shape, opts, n, margins, (calibrations or {}).get(n.name, 1.0), need) for n in nodes
+        fit_node(shape, opts, n, margins, (calibrations or {}).get(n.name, 1.0), needs(opts.n_slots), max_slots, needs)
+        for n in nodes
     )
     return FitReport(
         model=shape.name, source=source, shape=shape, options=opts,
         whole_gpu=estimate(shape, shape.n_layers + 1, opts, gpu=True),
-        cpu_only=estimate(shape, 0, opts, gpu=False), nodes=fits,
+        cpu_only=estimate(shape, 0, opts, gpu=False), nodes=fits, max_slots=max(max_slots, opts.n_slots),
     )
 
 
@@ -179,12 +215,20 @@ def _breakdown_rows(r: FitReport) -> list[tuple[str, int, int]]:
     ]
 
 
+def _kv_per_slot(r: FitReport) -> int:
+    b = r.whole_gpu.breakdown
+    return (b.kv_gpu_bytes + b.kv_cpu_bytes) // r.options.n_slots
+
+
 def render_fit(r: FitReport) -> str:
     s, o = r.shape, r.options
     lines = [
         f"{r.model} ({s.architecture}, {s.weight_type}, {s.n_layers} layers + output, "
         f"{s.weight_bytes / GB:.2f} GB of weights) from {r.source}",
-        f"context {r.whole_gpu.n_ctx}, KV {o.kv_type}, flash attention {'on' if o.flash_attn else 'off'}",
+        f"context {r.whole_gpu.n_ctx} per slot, KV {o.kv_type}, flash attention {'on' if o.flash_attn else 'off'}; "
+        f"breakdown for {_slots(o.n_slots)}" + (
+            f", nodes with up to {r.max_slots} (each slot +{format_bytes(_kv_per_slot(r))} KV)"
+            if r.max_slots > o.n_slots else ""),
         "",
         f"  {'':18}{'whole on GPU':>14}{'CPU only':>14}",
     ]
@@ -210,6 +254,7 @@ def fit_to_dict(r: FitReport) -> dict:
     return {
         "model": r.model, "source": r.source, "architecture": s.architecture, "weight_type": s.weight_type,
         "n_layers": s.n_layers, "weight_bytes": s.weight_bytes, "n_ctx": r.whole_gpu.n_ctx,
+        "n_slots": r.options.n_slots,
         "kv_type": r.options.kv_type, "flash_attn": r.options.flash_attn,
         "whole_gpu": est(r.whole_gpu), "cpu_only": est(r.cpu_only),
         "nodes": [vars(n) | {} for n in r.nodes],

@@ -1,7 +1,9 @@
 """`homefleet plan` as text or JSON: the nodes planned on, the placement, the misfits.
 
 Pure: takes snapshots and a PlacementResult, returns a string or a dict. Reasons are
-printed in full, one node a line, under the replica they explain.
+printed in full, one node a line, under the replica they explain. SLOTS is the requests a
+replica serves at once (`parallel`, chosen by placement when the model leaves it unset);
+its memory figures are for that many.
 """
 
 from __future__ import annotations
@@ -80,10 +82,11 @@ def _placement_section(result: PlacementResult, nodes: Sequence[NodeSnapshot], p
             format_bytes(a.gpu_bytes) if a.gpu_index is not None else "-",
             format_bytes(a.ram_bytes),
             a.kind,
+            str(a.parallel),
         ]
         for a in result.assignments
     ]
-    headers = ["MODEL", "REPLICA", "NODE", "GPU", "LAYERS ON GPU", "EST. VRAM", "EST. RAM", "KIND"]
+    headers = ["MODEL", "REPLICA", "NODE", "GPU", "LAYERS ON GPU", "EST. VRAM", "EST. RAM", "KIND", "SLOTS"]
     return "PLACEMENT\n" + _table(headers, rows, right_aligned={5, 6})
 
 

@@ -57,8 +57,9 @@ class RayCluster:
     async def read_shape(self, agent, path: str):
         return await asyncio.wait_for(_awaitable(agent.read_shape.remote(path)), 60)
 
-    async def dry_run(self, agent, path: str, n_ctx: int, n_gpu_layers: int, kv_type: str, flash_attn: bool) -> dict:
-        ref = agent.dry_run.remote(path, n_ctx, n_gpu_layers, kv_type, flash_attn)
+    async def dry_run(self, agent, path: str, n_ctx: int, n_gpu_layers: int, kv_type: str, flash_attn: bool | None,
+                      n_slots: int = 1) -> dict:
+        ref = agent.dry_run.remote(path, n_ctx, n_gpu_layers, kv_type, flash_attn, n_slots)
         return await asyncio.wait_for(_awaitable(ref), 300)
 
     async def start_transfer(self, agent, spec: dict) -> dict:
@@ -83,6 +84,12 @@ class RayCluster:
 
     async def load(self, handle) -> dict:
         return await _awaitable(handle.load.remote())
+
+    @staticmethod
+    def is_node_gone_error(exc: BaseException) -> bool:
+        """The actor could not be placed on its node (the node died or left), as opposed to
+        its process failing there."""
+        return isinstance(exc, ray.exceptions.ActorUnschedulableError)
 
     @staticmethod
     def is_dead_actor_error(exc: BaseException) -> bool:

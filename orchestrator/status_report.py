@@ -40,13 +40,15 @@ STATE_STYLES = {
     "pending": "yellow",
     "failed": "red",
     "stopped": "dim",
+    "not_loaded": "dim",
+    "unloading": "cyan",
 }
 # Replicas whose model file is still on its way to their node.
 FETCHING_STATES = ("copying", "downloading")
 # Model names a node lists: replicas in these states live (or are about to) on it.
 HELD_STATES = ("ready", "loading", *FETCHING_STATES, "pending")
 # Order of the state counts after the MODELS title.
-MODEL_STATE_ORDER = ("ready", "loading", *FETCHING_STATES, "pending", "failed", "stopped")
+MODEL_STATE_ORDER = ("ready", "loading", *FETCHING_STATES, "unloading", "not_loaded", "pending", "failed", "stopped")
 # Prefixes dropped from GPU marketing names: "NVIDIA GeForce RTX 4070 Ti" -> "RTX 4070 Ti".
 GPU_NAME_PREFIXES = ("NVIDIA ", "GeForce ")
 
@@ -129,6 +131,17 @@ def _add_model_rows(table: _Table, model: ModelView, width: int) -> None:
     repeats_progress = shows_progress and model.state in FETCHING_STATES
     if model.reason and model.reason not in replica_reasons and not repeats_progress:
         table.add_notes(_reason_notes(model.reason, width))
+    if model.state == "ready" and model.unloads_in_s is not None:  # like `ollama ps`
+        table.add_notes([REASON_INDENT + f"unloads in {_duration(model.unloads_in_s)} if idle"])
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m"
+    if seconds >= 60:
+        return f"{seconds // 60}m"
+    return f"{seconds}s"
 
 
 # ----------------------------------------------------------------------------- cells

@@ -185,8 +185,10 @@ class NodeAgentImpl:
 
         return shape_from_gguf(resolve_model_path(path, self.models_dir))
 
-    def dry_run(self, path: str, n_ctx: int, n_gpu_layers: int, kv_type: str, flash_attn: bool) -> dict:
-        """llama.cpp's own figure for this model here (a child process; no memory is allocated)."""
+    def dry_run(self, path: str, n_ctx: int, n_gpu_layers: int, kv_type: str, flash_attn: bool | None,
+                n_slots: int = 1) -> dict:
+        """llama.cpp's own figure for this model here (a child process; no memory is allocated),
+        for the batched engine's context: `n_slots` slots of `n_ctx` each; flash_attn None: auto."""
         from dataclasses import asdict
 
         try:
@@ -194,7 +196,7 @@ class NodeAgentImpl:
         except ImportError as exc:
             return {"error": f"no llama-cpp-python on {self.name}: {exc}"}
         result = dry_run(resolve_model_path(path, self.models_dir), n_ctx, n_gpu_layers, kv_type=kv_type,
-                         flash_attn=flash_attn)
+                         flash_attn=flash_attn, n_slots=n_slots)
         return asdict(result)
 
     def has_gpu(self) -> bool:

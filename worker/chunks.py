@@ -49,9 +49,12 @@ class ChunkShaper:
             body = {"index": index, "function": {"arguments": call.arguments}}
             yield self._chunk({"delta": {"tool_calls": [body]}, "logprobs": None, "finish_reason": None})
 
-    def closing(self, finish_reason: str, prompt_tokens: int, completion_tokens: int) -> dict:
+    def closing(self, finish_reason: str, prompt_tokens: int, completion_tokens: int,
+                cached_tokens: int | None = None) -> dict:
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                  "total_tokens": prompt_tokens + completion_tokens}
+        if cached_tokens is not None:  # OpenAI's prompt caching report
+            usage["prompt_tokens_details"] = {"cached_tokens": cached_tokens}
         body = {"delta": {}} if self.kind == "chat" else {"text": ""}
         return self._chunk({**body, "logprobs": None, "finish_reason": finish_reason}, usage)
 

@@ -3,7 +3,14 @@
 The engine formats chat itself (the GGUF's own template, else the configured format,
 else the architecture's usual one) so that it knows the prompt's length before it
 generates: a prompt longer than the context is a `context_length_exceeded` error, not an
-engine crash. A `Llama` is not thread-safe: callers serialise requests (the replica does).
+engine crash.
+
+A generative model decodes in a `BatchedEngine` (worker/batch_engine.py): `parallel` slots,
+each with the full context, served together by one decode thread, so callers may call
+`stream_chat` / `chat` from many threads at once. A `Llama` opened `vocab_only` (no
+weights, no KV) gives the metadata, the template and the tokenizer. An embedding model
+keeps llama-cpp-python's `Llama` (one call at a time: the replica serialises them), which
+embeds all the inputs of a request in shared batches.
 """
 
 from __future__ import annotations
@@ -16,11 +23,13 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Iterator
 
+from worker.batch_engine import BatchedEngine, SequenceHandle
 from worker.chat_format import choose_formatter
 from worker.chat_template import TemplateError, tokenize_prompt
 from worker.chunks import ChunkShaper, collect
 from worker.errors import RequestError, context_length_exceeded
-from worker.generation import GenerationCancelled, Outcome, SamplingParams, StopCheck, generate
+from worker.generation import GenerationCancelled, SamplingParams, StopCheck
+from worker.sampler_chain import GrammarError
 from worker.structured import json_grammar
 from worker.tool_calls import ToolCallStream, forced_call_grammar, tool_names
 from worker.memory_use import measure_process_memory
@@ -39,11 +48,13 @@ class EngineSettings:
     n_gpu_layers: int = 0
     n_threads: int | None = None
     chat_format: str | None = None
-    flash_attn: bool = False
+    flash_attn: bool | None = None  # None: llama.cpp's auto, as llama-server
     kv_type: str = "f16"
     embedding: bool = False
     n_batch: int = 512
     n_ubatch: int = 512
+    parallel: int = 1  # requests decoded together (slots), each with the full n_ctx
+    gpu_index: int | None = None  # the one GPU placement chose; None: llama.cpp's own choice
 
 
 def default_threads() -> int:
@@ -57,11 +68,39 @@ def default_threads() -> int:
 
 
 class Engine:
-    def __init__(self, settings: EngineSettings) -> None:
+    def __init__(self, settings: EngineSettings, on_load_progress=None) -> None:
         import llama_cpp
 
         self.settings = settings
         started = time.perf_counter()
+        self.batch: BatchedEngine | None = None
+        if settings.embedding:
+            self.llama = llama_cpp.Llama(**self._llama_kwargs(settings))
+        else:
+            self.llama = llama_cpp.Llama(model_path=settings.path, vocab_only=True, n_ctx=64, verbose=False)
+            self.batch = BatchedEngine(
+                settings.path,
+                n_ctx_per_slot=settings.n_ctx,
+                n_slots=settings.parallel,
+                n_batch=max(settings.n_batch, settings.parallel + 64),
+                n_ubatch=settings.n_ubatch,
+                n_threads=settings.n_threads or default_threads(),
+                flash_attn=settings.flash_attn,
+                type_k=KV_TYPES[settings.kv_type] if settings.kv_type != "f16" else None,
+                type_v=KV_TYPES[settings.kv_type] if settings.kv_type != "f16" else None,
+                n_gpu_layers=settings.n_gpu_layers,
+                gpu=usable_gpu(settings.gpu_index, settings.n_gpu_layers),
+                on_load_progress=on_load_progress,
+            )
+        self.load_seconds = time.perf_counter() - started
+        self.architecture = self.llama.metadata.get("general.architecture", "unknown")
+        self.formatter = choose_formatter(self.llama, settings.chat_format)
+        self.n_ctx = settings.n_ctx if self.batch is not None else self.llama.n_ctx()
+        self._nvml = None
+        self.decode_rates: deque[float] = deque(maxlen=8)  # tokens/s of recent requests that ran alone
+
+    @staticmethod
+    def _llama_kwargs(settings: EngineSettings) -> dict[str, Any]:
         kwargs: dict[str, Any] = dict(
             model_path=settings.path,
             n_ctx=settings.n_ctx,
@@ -72,17 +111,26 @@ class Engine:
             embedding=settings.embedding,
             verbose=False,
         )
+        gpu = usable_gpu(settings.gpu_index, settings.n_gpu_layers)
+        if gpu is not None:
+            import llama_cpp
+
+            kwargs["split_mode"] = llama_cpp.LLAMA_SPLIT_MODE_NONE
+            kwargs["main_gpu"] = gpu
         if settings.flash_attn:
             kwargs["flash_attn"] = True
         if settings.kv_type != "f16":
             kwargs["type_k"] = kwargs["type_v"] = KV_TYPES[settings.kv_type]
-        self.llama = llama_cpp.Llama(**kwargs)
-        self.load_seconds = time.perf_counter() - started
-        self.architecture = self.llama.metadata.get("general.architecture", "unknown")
-        self.formatter = choose_formatter(self.llama, settings.chat_format)
-        self.n_ctx = self.llama.n_ctx()
-        self._nvml = None
-        self.decode_rates: deque[float] = deque(maxlen=8)  # tokens/s of recent requests
+        return kwargs
+
+    def close(self) -> None:
+        """Free the context and the weights now (an unload), not when the collector gets to it."""
+        if self.batch is not None:
+            self.batch.close()
+            self.batch = None
+        llama, self.llama = self.llama, None
+        if llama is not None:
+            llama.close()
 
     # ---- facts -----------------------------------------------------------------------
     def describe(self) -> dict:
@@ -94,7 +142,17 @@ class Engine:
             "chat_format": self.formatter.name,
             "load_seconds": round(self.load_seconds, 3),
             "decode_tokens_per_s": round(statistics.median(self.decode_rates), 2) if self.decode_rates else None,
+            "parallel": self.batch.n_slots if self.batch is not None else 1,
+            "slots": self.slots(),
         }
+
+    def slots(self) -> dict:
+        """Busy and waiting requests, and what the prompt cache has saved."""
+        if self.batch is None:
+            return {"total": 1}
+        b = self.batch
+        return {"total": b.n_slots, "active": b.active, "queued": b.queued,
+                "cached_tokens": b.stats["cached_tokens"], "prefilled_tokens": b.stats["prefilled_tokens"]}
 
     def memory(self) -> dict:
         if self._nvml is None:
@@ -154,25 +212,46 @@ class Engine:
         params = self._params(tokens, sampling, "messages", logprobs)
         calls = ToolCallStream(self.formatter.tool_format, tool_names(tools), forced,
                                parallel=sampling.get("parallel_tool_calls", True)) if tools else None
-        return self._chunks("chat", tokens, params, grammar, should_stop, calls)
+        handle = self._submit(tokens, params, grammar, should_stop, "tools" if forced else "response_format")
+        return self._chunks("chat", handle, params, calls)
 
     def stream_text(self, prompt: str, sampling: dict, should_stop: StopCheck | None = None) -> Iterator[dict]:
         """OpenAI text_completion chunks; the last one carries finish_reason and usage."""
         tokens = self._tokens_for_text(prompt)
         params = self._params(tokens, sampling, "prompt", sampling.get("logprobs"))
-        return self._chunks("text", tokens, params, None, should_stop, None)
+        handle = self._submit(tokens, params, None, should_stop, "prompt")
+        return self._chunks("text", handle, params, None)
 
-    def _chunks(self, kind: str, tokens: list[int], params: SamplingParams, grammar, should_stop,
+    def _submit(self, tokens: list[int], params: SamplingParams, grammar, should_stop, grammar_param: str) -> SequenceHandle:
+        """Queue the request now (not when the first chunk is asked for), so what llama.cpp
+        refuses is the caller's error before any byte is sent."""
+        batch = self._generative()
+        try:
+            return batch.submit(tokens, params, grammar._grammar if grammar is not None else None, should_stop)
+        except GrammarError as exc:
+            raise RequestError(f"the grammar for {grammar_param} does not parse: {exc}", param=grammar_param,
+                               code="invalid_json_schema") from None
+
+    def _generative(self) -> BatchedEngine:
+        if self.batch is None:
+            raise RequestError(f"model '{self.settings.model_name}' serves embeddings only", param="model",
+                               code="model_not_generative")
+        return self.batch
+
+    def _chunks(self, kind: str, handle: SequenceHandle, params: SamplingParams,
                 calls: ToolCallStream | None) -> Iterator[dict]:
         shaper = ChunkShaper(kind, self.settings.model_name, with_logprobs=params.logprobs is not None)
-        outcome = Outcome()
         started = time.perf_counter()
-        yield from shaper.opening()
-        for piece in generate(self.llama, tokens, params, grammar, should_stop, outcome):
-            text = calls.feed(piece.text) if calls is not None else piece.text
-            chunk = shaper.content(text, piece.logprobs)
-            if chunk is not None:
-                yield chunk
+        try:
+            yield from shaper.opening()
+            for piece in handle:
+                text = calls.feed(piece.text) if calls is not None else piece.text
+                chunk = shaper.content(text, piece.logprobs)
+                if chunk is not None:
+                    yield chunk
+        finally:
+            handle.cancel()  # a no-op once it ended; frees the slot if the reader left early
+        outcome = handle.outcome
         finish_reason = outcome.finish_reason
         if calls is not None:
             rest, found = calls.finish()
@@ -182,9 +261,18 @@ class Engine:
                 yield from shaper.tool_calls(found)
                 finish_reason = "tool_calls"
         elapsed = time.perf_counter() - started
-        if outcome.completion_tokens > 8 and elapsed > 0:
+        if outcome.completion_tokens > 8 and elapsed > 0 and self._ran_alone(handle):
             self.decode_rates.append(outcome.completion_tokens / elapsed)
-        yield shaper.closing(finish_reason, len(tokens), outcome.completion_tokens)
+        yield shaper.closing(finish_reason, outcome.prompt_tokens, outcome.completion_tokens,
+                             cached_tokens=outcome.cached_tokens)
+
+    def _ran_alone(self, handle: SequenceHandle) -> bool:
+        """Whether its rounds decoded no other sequence: only then is its rate the node's speed."""
+        if self.batch is None or not handle.token_steps:
+            return False
+        first, last = handle.token_steps[0], handle.token_steps[-1]
+        rounds = list(self.batch.rounds)  # one C call: the decode thread cannot append meanwhile
+        return all(generated <= 1 for step, generated, _ in rounds if first <= step <= last)
 
     def chat(self, messages: list[dict], sampling: dict, should_stop: StopCheck | None = None) -> dict:
         return collect(self.stream_chat(messages, sampling, should_stop))
@@ -199,7 +287,7 @@ class Engine:
                 param="model",
                 code="model_not_embedding",
             )
-        data, prompt_tokens = [], 0
+        counts = []
         for index, text in enumerate(inputs):
             tokens = self._tokens_for_text(text)
             self._check_fits(len(tokens), None, "input")
@@ -209,14 +297,42 @@ class Engine:
                     param="input",
                     code="context_length_exceeded",
                 )
-            prompt_tokens += len(tokens)
-            data.append({"object": "embedding", "index": index, "embedding": _pooled(self.llama.embed(text))})
+            counts.append(len(tokens))
+        # One call for all the inputs: llama-cpp-python packs as many sequences as fit into each
+        # decode (n_batch tokens), rather than one decode per input.
+        vectors = self.llama.embed(list(inputs)) if inputs else []
+        data = [{"object": "embedding", "index": i, "embedding": _pooled(v)} for i, v in enumerate(vectors)]
+        prompt_tokens = sum(counts)
         return {
             "object": "list",
             "data": data,
             "model": self.settings.model_name,
             "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
         }
+
+
+def usable_gpu(gpu_index: int | None, n_gpu_layers: int) -> int | None:
+    """The GPU to pin the model to, when this llama.cpp build has that GPU: a node whose
+    hardware is declared (a test, a plan) may name GPUs a CPU build cannot see."""
+    if gpu_index is None or n_gpu_layers == 0:
+        return None
+    import llama_cpp
+
+    if not llama_cpp.llama_supports_gpu_offload():
+        return None
+    # CUDA numbers GPUs fastest first unless told otherwise; NVML (the probe, placement)
+    # numbers them by PCI bus. The replica sets CUDA_DEVICE_ORDER=PCI_BUS_ID so both agree.
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            count = pynvml.nvmlDeviceGetCount()
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:
+        return None
+    return gpu_index if gpu_index < count else None
 
 
 def _pooled(vectors: list) -> list[float]:

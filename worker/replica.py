@@ -1,8 +1,11 @@
 """ModelReplica: a Ray actor that owns one llama.cpp model in its own process.
 
-One request at a time reaches the model (a Llama is not thread-safe); the actor is
-threaded only so that `info()` answers while a request runs. Streams are yielded as
-ready-to-send server-sent-event bytes, so the gateway only forwards them.
+Chat and text requests run on a pool of threads ("requests"), each handing its prompt to
+the engine's batched decoder (worker/batch_engine.py), which serves `parallel` of them at
+once and queues the rest; none of these threads touches llama.cpp's decoding. Loading and
+embeddings (llama-cpp-python's `Llama`, not thread-safe) run one at a time on the "engine"
+thread; `info()` and `cancel()` answer from "control" while requests run. Streams are
+yielded as ready-to-send server-sent-event bytes, so the gateway only forwards them.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from worker.errors import RequestError
 SSE_DONE = b"data: [DONE]\n\n"
 FLUSH_INTERVAL_S = 0.05
 CANCELLED_KEPT_S = 600.0  # a cancel may arrive while its request still waits in the queue
+REQUEST_THREADS = 32  # requests in the replica at once; the router admits slots + its queue
 
 
 def sse(payload: dict) -> bytes:
@@ -39,23 +43,29 @@ class ModelReplicaImpl:
         self.reason: str | None = None
         self.lock = threading.Lock()
         self.served = 0
+        self.load_progress: float | None = None  # 0..1 while llama.cpp loads the weights
         self.cancelled: dict[str, float] = {}  # request id -> when its client went away
         self.generation_limit_s = float(limits.get("generation_limit_s", 600.0)) if limits else 600.0
 
     # ---- lifecycle -------------------------------------------------------------------
     def load(self) -> dict:
         """Load the model; failure is a value with its reason, not a dead actor."""
+        # CUDA's own numbering puts the fastest GPU first; placement's (NVML) follows the PCI bus.
+        os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
         with self.lock:
             if self.engine is None and self.state != "failed":
                 try:
                     if not os.path.isfile(self.settings.path):
                         raise FileNotFoundError(f"model file not found on {socket.gethostname()}: {self.settings.path}")
-                    self.engine = Engine(self.settings)
+                    self.engine = Engine(self.settings, on_load_progress=self._loading)
                     self.state = "ready"
                 except Exception as exc:  # the engine's errors are many; the reason is what matters
                     self.state = "failed"
                     self.reason = _load_failure_reason(self.settings.path, exc)
         return self.info()
+
+    def _loading(self, fraction: float) -> None:
+        self.load_progress = fraction
 
     def info(self) -> dict:
         out = {
@@ -64,6 +74,7 @@ class ModelReplicaImpl:
             "reason": self.reason,
             "pid": os.getpid(),
             "served": self.served,
+            "load_progress": self.load_progress,
         }
         if self.engine is not None:
             out.update(self.engine.describe())
@@ -88,16 +99,16 @@ class ModelReplicaImpl:
         return self._whole(lambda e, stop: e.complete(prompt, sampling, stop), request_id)
 
     def embed(self, inputs: list[str], request_id: str = "") -> dict:
-        return self._whole(lambda e, stop: e.embed(inputs), request_id)
+        with self.lock:  # llama-cpp-python's Llama: one call at a time
+            return self._whole(lambda e, stop: e.embed(inputs), request_id)
 
     def _whole(self, call, request_id: str) -> dict:
         try:
-            with self.lock:
-                if self._was_cancelled(request_id):
-                    return {"error": _client_left()}
-                result = call(self._ready_engine(), self._stop_check(request_id))
-                self._served_one()
-                return result
+            if self._was_cancelled(request_id):
+                return {"error": _client_left()}
+            result = call(self._ready_engine(), self._stop_check(request_id))
+            self._served_one()
+            return result
         except RequestError as exc:
             return {"error": exc.as_dict()}
         except GenerationCancelled:
@@ -148,34 +159,33 @@ class ModelReplicaImpl:
         FLUSH_INTERVAL_S): on a small machine each message between processes costs the
         decoding threads more than the bytes are worth.
         """
-        with self.lock:
+        try:
+            if self._was_cancelled(request_id):
+                yield {"error": _client_left()}
+                return
             try:
-                if self._was_cancelled(request_id):
-                    yield {"error": _client_left()}
-                    return
-                try:
-                    chunks = start(self._ready_engine(), self._stop_check(request_id))
-                except RequestError as exc:
-                    yield {"error": exc.as_dict()}
-                    return
-                yield b""
-                pending: list[bytes] = []
-                last_flush = None
-                try:
-                    for event, has_content in _sse_events(chunks, sampling.get("include_usage")):
-                        pending.append(event)
-                        now = time.monotonic()
-                        if has_content and (last_flush is None or now - last_flush >= FLUSH_INTERVAL_S):
-                            yield b"".join(pending)
-                            pending.clear()
-                            last_flush = now
-                except GenerationCancelled:
-                    return
-                pending.append(SSE_DONE)
-                yield b"".join(pending)
-                self._served_one()
-            finally:
-                self.cancelled.pop(request_id, None)
+                chunks = start(self._ready_engine(), self._stop_check(request_id))
+            except RequestError as exc:
+                yield {"error": exc.as_dict()}
+                return
+            yield b""
+            pending: list[bytes] = []
+            last_flush = None
+            try:
+                for event, has_content in _sse_events(chunks, sampling.get("include_usage")):
+                    pending.append(event)
+                    now = time.monotonic()
+                    if has_content and (last_flush is None or now - last_flush >= FLUSH_INTERVAL_S):
+                        yield b"".join(pending)
+                        pending.clear()
+                        last_flush = now
+            except GenerationCancelled:
+                return
+            pending.append(SSE_DONE)
+            yield b"".join(pending)
+            self._served_one()
+        finally:
+            self.cancelled.pop(request_id, None)
 
 
 def _sse_events(chunks: Iterator[dict], include_usage: bool) -> Iterator[tuple[bytes, bool]]:
@@ -215,25 +225,27 @@ def _load_failure_reason(path: str, exc: Exception) -> str:
 def replica_actor_class(control_concurrency: int = 2):
     """The Ray actor class; built on demand so this module imports without a Ray runtime.
 
-    Every call that touches the model runs in the "engine" group: one thread, always the
-    same one. llama.cpp's OpenMP keeps a thread team per calling thread; calls arriving on
-    a pool of threads made extra teams that fought over the cores (decode was 20% slower).
-    Requests wait their turn in Ray's queue; `info()` answers from the "control" group.
+    Loading and embeddings run in the "engine" group: one thread, always the same one
+    (llama.cpp's OpenMP keeps a thread team per calling thread; calls arriving on a pool
+    of threads made extra teams that fought over the cores). Generation decodes on the
+    batched engine's own thread, whatever thread of "requests" submitted it.
     """
     return ray.remote(
         num_cpus=0,
         max_restarts=0,
-        concurrency_groups={"engine": 1, "control": control_concurrency},
+        concurrency_groups={"engine": 1, "requests": REQUEST_THREADS, "control": control_concurrency},
     )(ModelReplicaImpl)
 
 
-for _name in ("load", "chat", "complete", "embed"):
+for _name in ("load", "embed"):
     setattr(ModelReplicaImpl, _name, ray.method(concurrency_group="engine")(getattr(ModelReplicaImpl, _name)))
+for _name in ("chat", "complete"):
+    setattr(ModelReplicaImpl, _name, ray.method(concurrency_group="requests")(getattr(ModelReplicaImpl, _name)))
 for _name in ("stream_chat", "stream_text"):
     setattr(
         ModelReplicaImpl,
         _name,
-        ray.method(num_returns="streaming", concurrency_group="engine")(getattr(ModelReplicaImpl, _name)),
+        ray.method(num_returns="streaming", concurrency_group="requests")(getattr(ModelReplicaImpl, _name)),
     )
 ModelReplicaImpl.info = ray.method(concurrency_group="control")(ModelReplicaImpl.info)
 ModelReplicaImpl.cancel = ray.method(concurrency_group="control")(ModelReplicaImpl.cancel)

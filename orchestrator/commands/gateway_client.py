@@ -14,13 +14,23 @@ class GatewayError(Exception):
     """Why the gateway gave no answer we can use."""
 
 
+ADMIN_KEY_HINT = "pass --admin-key or set HOMEFLEET_ADMIN_KEY"
+
+
+def admin_key(flag: str | None = None) -> str | None:
+    """The key for admin operations (load, unload, reload, pull, prune) off the head's loopback."""
+    return flag or os.environ.get("HOMEFLEET_ADMIN_KEY") or None
+
+
 def gateway_url(flag: str | None) -> str:
     return (flag or os.environ.get("HOMEFLEET_URL") or DEFAULT_URL).rstrip("/")
 
 
 def call(url: str, method: str, path: str, api_key: str | None = None, body: dict | None = None,
-         transport: httpx.BaseTransport | None = None, timeout_s: float = TIMEOUT_SECONDS) -> dict:
-    """The JSON answer of `method url+path`; GatewayError with a readable message otherwise."""
+         transport: httpx.BaseTransport | None = None, timeout_s: float = TIMEOUT_SECONDS,
+         key_hint: str = "pass --api-key or set HOMEFLEET_API_KEY") -> dict:
+    """The JSON answer of `method url+path`; GatewayError with a readable message otherwise
+    (`key_hint`: what to do when the gateway refuses the key)."""
     api_key = api_key or os.environ.get("HOMEFLEET_API_KEY") or None
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
@@ -33,7 +43,7 @@ def call(url: str, method: str, path: str, api_key: str | None = None, body: dic
     if response.status_code in (401, 403):
         raise GatewayError(
             f"the gateway at {url} refused the request (HTTP {response.status_code}): "
-            "pass --api-key or set HOMEFLEET_API_KEY"
+            f"{error_message(response)} ({key_hint})"
         )
     if response.status_code >= 300:
         raise GatewayError(f"the gateway at {url} answered HTTP {response.status_code}: {error_message(response)}")

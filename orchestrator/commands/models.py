@@ -7,7 +7,14 @@ import argparse
 import json
 import sys
 
-from orchestrator.commands.gateway_client import GatewayError, call, fetch_view, gateway_url
+from orchestrator.commands.gateway_client import (
+    ADMIN_KEY_HINT,
+    GatewayError,
+    admin_key,
+    call,
+    fetch_view,
+    gateway_url,
+)
 from orchestrator.models_report import render_models, render_prune
 
 
@@ -31,7 +38,8 @@ def run(args: argparse.Namespace) -> int:
     url = gateway_url(args.url)
     try:
         if args.action == "prune":
-            result = call(url, "POST", "/api/models/prune", args.api_key, {"dry_run": args.dry_run}, timeout_s=120)
+            result = call(url, "POST", "/api/models/prune", admin_key() or args.api_key, {"dry_run": args.dry_run},
+                          timeout_s=120, key_hint=ADMIN_KEY_HINT)
             sys.stdout.write(json.dumps(result, indent=2) + "\n" if args.json else render_prune(result))
             return 0
         _, view = fetch_view(url, args.api_key)

@@ -139,6 +139,7 @@ def snapshots_from_view(view: ClusterView) -> tuple[list[NodeSnapshot], list[Ass
                 gpu_bytes=replica.measured_gpu_bytes or replica.estimated_gpu_bytes or 0,
                 ram_bytes=replica.measured_ram_bytes or replica.estimated_ram_bytes or 0,
                 kind=kind,
+                parallel=getattr(replica, "slots", 1) or 1,  # the slots it runs with
             )
             (ready if replica.state == "ready" else loading).append(assignment)
     return nodes, ready, loading

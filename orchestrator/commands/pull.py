@@ -11,7 +11,7 @@ import argparse
 import sys
 import time
 
-from orchestrator.commands.gateway_client import GatewayError, call, gateway_url
+from orchestrator.commands.gateway_client import ADMIN_KEY_HINT, GatewayError, admin_key, call, gateway_url
 from orchestrator.core.hardware import format_bytes
 from orchestrator.core.model_source import SourceError, StoreSource, normalize_sha256, parse_source
 from orchestrator.core.store_types import TransferProgress
@@ -75,8 +75,9 @@ def _pull_here(args: argparse.Namespace, sha256: str | None, printer: "ProgressP
 def _pull_through_gateway(args: argparse.Namespace, sha256: str | None, printer: "ProgressPrinter") -> int:
     url = gateway_url(args.url)
     try:
-        started = call(url, "POST", "/api/pull", args.api_key,
-                       {"source": args.source, "node": args.node, "sha256": sha256}, timeout_s=60)
+        started = call(url, "POST", "/api/pull", admin_key() or args.api_key,
+                       {"source": args.source, "node": args.node, "sha256": sha256}, timeout_s=60,
+                       key_hint=ADMIN_KEY_HINT)
     except GatewayError as exc:
         print(f"homefleet pull: {exc}", file=sys.stderr)
         return 1

@@ -1,5 +1,6 @@
 """`homefleet up`: start the Ray head, the orchestrator (gateway + controller) and this
-machine's worker; foreground until Ctrl-C, then stop everything it started."""
+machine's worker; foreground until Ctrl-C, then stop everything it started. SIGHUP re-reads
+the config file (as `homefleet reload` does)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from orchestrator.config import ConfigError, HomefleetConfig, load_config
@@ -40,7 +42,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def resolve_config(args: argparse.Namespace) -> HomefleetConfig:
-    config = load_config(args.config) if args.config else HomefleetConfig()
+    return apply_flags(load_config(args.config) if args.config else HomefleetConfig(), args)
+
+
+def apply_flags(config: HomefleetConfig, args: argparse.Namespace) -> HomefleetConfig:
+    """Flags and the environment over the file (HOMEFLEET_API_KEY, HOMEFLEET_ADMIN_KEY win over
+    gateway.api_key, gateway.admin_key); the demo model when none is configured. Applied at start
+    and again on every reload of the file."""
     if args.host:
         config.gateway.host = args.host
     if args.port:
@@ -55,9 +63,19 @@ def resolve_config(args: argparse.Namespace) -> HomefleetConfig:
         config.cluster.models_dir = args.models_dir
     if os.environ.get("HOMEFLEET_API_KEY"):
         config.gateway.api_key = os.environ["HOMEFLEET_API_KEY"]
+    if os.environ.get("HOMEFLEET_ADMIN_KEY"):
+        config.gateway.admin_key = os.environ["HOMEFLEET_ADMIN_KEY"]
     if not config.models:
         config.models.append(demo_model())
     return config
+
+
+def reread_config(args: argparse.Namespace, path: str) -> HomefleetConfig:
+    """The config file read again for a reload, with the same flags and environment as at start."""
+    try:
+        return apply_flags(load_config(path), args)
+    except DemoUnavailable as exc:  # the file lost its last model
+        raise ConfigError(f"{path}: models: none configured, and {exc}") from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -99,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         ray_cluster.connect(address, token)
         _print_banner(config, address, token)
-        asyncio.run(_serve(config))
+        asyncio.run(_serve(config, args))
     except KeyboardInterrupt:
         pass
     finally:
@@ -125,15 +143,18 @@ def _read_hardware(path: str | None):
     return load_hardware_file(path)
 
 
-async def _serve(config: HomefleetConfig) -> None:
+async def _serve(config: HomefleetConfig, args: argparse.Namespace) -> None:
     import uvicorn
 
+    from orchestrator.config_reload import ConfigReloader
     from orchestrator.controller import Controller
     from orchestrator.gateway.app import create_app
     from orchestrator.ray_actors import RayCluster
 
     controller = Controller(config, RayCluster())
-    app = create_app(controller, config)
+    controller.config_path = args.config
+    reloader = ConfigReloader(controller, lambda path: reread_config(args, path))
+    app = create_app(controller, config, reloader=reloader)
     server = uvicorn.Server(
         uvicorn.Config(
             app,
@@ -145,10 +166,41 @@ async def _serve(config: HomefleetConfig) -> None:
         )
     )
     controller.start()
+    stop_hangup = _reload_on_hangup(reloader)
     try:
         await server.serve()
     finally:
+        stop_hangup()
         await controller.stop()
+
+
+def _reload_on_hangup(reloader) -> Callable[[], None]:
+    """SIGHUP re-reads the config file (as `homefleet reload` does); returns what undoes it."""
+    if not hasattr(signal, "SIGHUP"):  # Windows
+        return lambda: None
+    loop = asyncio.get_running_loop()
+    running: set[asyncio.Task] = set()
+
+    def on_hangup() -> None:
+        task = loop.create_task(_reload(reloader))
+        running.add(task)
+        task.add_done_callback(running.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_hangup)
+    return lambda: loop.remove_signal_handler(signal.SIGHUP)
+
+
+async def _reload(reloader) -> None:
+    from orchestrator.config_reload import describe_reload
+
+    try:
+        summary = await reloader.reload()
+    except ConfigError as exc:
+        log.error("SIGHUP: config not reloaded, nothing changed: %s", exc)
+    except Exception:
+        log.exception("SIGHUP: config reload failed")
+    else:
+        log.info("SIGHUP: %s", describe_reload(summary))
 
 
 def _print_banner(config: HomefleetConfig, address: str, token: str) -> None:

@@ -1,6 +1,10 @@
 """Analytic memory estimate of a llama.cpp model at a context size and GPU layer count.
 
-Mirrors what llama.cpp (the build bundled with llama-cpp-python 0.3.36) allocates:
+Mirrors what llama.cpp (the build bundled with llama-cpp-python 0.3.36) allocates for the
+context a replica builds: the batched engine's (worker/batch_engine.py `context_params`),
+`n_slots` sequences, one KV stream per slot (`kv_unified=False`), `swa_full=False`,
+`n_outputs_max = n_slots`. `EstimateOptions(swa_full=True, n_outputs_max=0)` describes
+llama-cpp-python's own `Llama` instead (an embedding model, the accuracy benchmark).
 
 - n_gpu_layers: the offloadable units are the n_layers blocks plus the output layer; k of
   them go to the GPU from the end, so the output layer goes first and block i is on the
@@ -9,29 +13,34 @@ Mirrors what llama.cpp (the build bundled with llama-cpp-python 0.3.36) allocate
 - weights on the CPU are memory-mapped (file-backed pages). A CPU-only process (k = 0: no
   CUDA host buffer type ahead of it) also repacks Q4_0/Q4_K/IQ4_NL/MXFP4 matmul weights into
   an anonymous buffer (x86 AVX2 / ARM), while the mapped source pages stay resident.
-- KV cache: n_ctx is padded to 256 cells; per layer cells x (K row + V row) of the KV type;
-  without flash attention V is stored transposed at the widest layer's width; sliding-window
-  layers hold min(n_ctx, pad256(window + n_ubatch)) cells unless swa_full (llama-cpp-python's
-  default, True); MLA layers hold K (kv_lora_rank + rope dims) only. A layer's KV lives where
-  the layer lives.
-- compute: the worst-case graph of one ubatch against a full cache (see `graph_peak_bytes`).
-  A GPU buffer (and a pinned CUDA_Host buffer) is committed in full, with logits for every
-  token of the ubatch; a plain CPU buffer is committed by the OS only where it is touched, and
-  llama-cpp-python computes logits for the last token only, so the CPU figure is the graph's
-  peak with one output plus the CPU backend's scratch (work) buffer.
+- KV cache, per slot (every slot has the full context): n_ctx is padded to 256 cells; per
+  layer cells x (K row + V row) of the KV type; without flash attention V is stored
+  transposed at the widest layer's width; sliding-window layers hold, per slot,
+  min(pad256(n_ctx), pad256(window + n_ubatch)) cells unless swa_full
+  (llama-kv-cache-iswa.cpp: `GGML_PAD(min(size_base, n_swa + n_ubatch), 256)` per stream);
+  MLA layers hold K (kv_lora_rank + rope dims) only. A layer's KV lives where the layer lives.
+- compute: the worst-case graph of one ubatch against a full slot (see `graph_peak_bytes`;
+  each stream attends over its own cells, so the graph does not grow with the slots).
+  A GPU buffer (and a pinned CUDA_Host buffer) is committed in full, with logits for the
+  rows llama.cpp reserves (n_outputs_max: one per slot; n_batch for llama.cpp's default);
+  a plain CPU buffer is committed by the OS only where it is touched, so the CPU figure is
+  the graph's peak with the rows a decode really asks for (one per slot; one for `Llama`,
+  which computes logits for the last token only) plus the CPU backend's scratch buffer.
+- output buffer (host): f32 logits of n_vocab per slot (llama.cpp reserves
+  max(n_seq_max, outputs of a decode) rows; a decode of the engine asks one per sequence).
 - fixed: the CUDA context, cuBLAS and llama.cpp's CUDA pool per GPU used (k > 0), and the
-  host process (Python, llama.cpp, vocabulary, output and sampler buffers).
+  host process (Python, llama.cpp, vocabulary, sampler buffers).
 
 All constants below are calibrated with tests/bench/estimate_accuracy.py (RSS of real runs).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from orchestrator.core.gguf_file import ggml_type
-from orchestrator.core.memory import MemoryNeed
+from orchestrator.core.memory import MemoryNeed, NeedFunction
 from orchestrator.core.model_shape import ModelShape
 
 MIB = 1024**2
@@ -60,14 +69,26 @@ class EstimateError(ValueError):
 
 @dataclass(frozen=True)
 class EstimateOptions:
-    """Context settings of the llama.cpp context (defaults as llama-cpp-python's Llama)."""
+    """Settings of the llama.cpp context (defaults: the batched engine's, one slot).
+
+    n_ctx: tokens per slot (0: the model's training context); every slot has all of them.
+    n_slots: sequences served at once, one KV stream each (the replica's `parallel`).
+    swa_full: sliding-window layers keep the full context (llama-cpp-python's `Llama`
+      default); the engine keeps the window plus a ubatch (False).
+    n_outputs_max: logits rows a decode can hold; None: one per slot (the engine's
+      `context_params`); 0: llama.cpp's default, n_batch (llama-cpp-python's `Llama`).
+    flash_attn: False is also the figure for llama.cpp's "auto" (the engine's default):
+      without flash attention the KV and the compute buffer are never smaller.
+    """
 
     n_ctx: int
     n_batch: int = 512
     n_ubatch: int = 512
     kv_type: str = "f16"
     flash_attn: bool = False
-    swa_full: bool = True  # llama.cpp's default: sliding-window layers keep the full context
+    swa_full: bool = False
+    n_slots: int = 1
+    n_outputs_max: int | None = None
 
     def __post_init__(self) -> None:
         if self.kv_type not in KV_TYPES:
@@ -79,6 +100,10 @@ class EstimateOptions:
             )
         if self.n_ctx < 0 or self.n_batch < 1 or self.n_ubatch < 1:
             raise EstimateError("n_ctx must be >= 0 (0: the model's training context), n_batch and n_ubatch >= 1")
+        if self.n_slots < 1:
+            raise EstimateError(f"n_slots must be >= 1, got {self.n_slots}")
+        if self.n_outputs_max is not None and self.n_outputs_max < 0:
+            raise EstimateError(f"n_outputs_max must be >= 0, got {self.n_outputs_max}")
 
 
 @dataclass(frozen=True)
@@ -103,8 +128,9 @@ class MemoryEstimate:
     ram_bytes: int
     mmap_bytes: int
     n_gpu_layers: int
-    n_ctx: int  # after llama.cpp's padding
+    n_ctx: int  # per slot, after llama.cpp's padding
     breakdown: MemoryBreakdown = field(default_factory=MemoryBreakdown)
+    n_slots: int = 1
 
     @property
     def host_bytes(self) -> int:
@@ -121,17 +147,46 @@ def row_bytes(type_name: str, n: int) -> int:
     return -(-n // t.block_size) * t.type_size
 
 
+def slot_cells(shape: ModelShape, opts: EstimateOptions) -> int:
+    """KV cells of one slot's stream: its context padded to 256 (llama.cpp's n_ctx_seq)."""
+    return pad_ctx(opts.n_ctx or shape.n_ctx_train)
+
+
+def ubatch_tokens(shape: ModelShape, opts: EstimateOptions) -> int:
+    """Tokens of the worst-case ubatch: n_ubatch, at most n_batch and the whole context."""
+    return min(opts.n_ubatch, opts.n_batch, opts.n_slots * slot_cells(shape, opts))
+
+
+def output_rows(shape: ModelShape, opts: EstimateOptions) -> tuple[int, int]:
+    """(rows of logits llama.cpp reserves in the graph, rows a decode really computes).
+
+    The engine asks one row per sequence: n_outputs_max = n_slots reserved and used. With
+    llama.cpp's default (0) the graph reserves a whole ubatch while llama-cpp-python's
+    `Llama` computes the last token's row only.
+    """
+    u = ubatch_tokens(shape, opts)
+    if opts.n_outputs_max == 0:
+        return u, 1
+    rows = min(u, opts.n_outputs_max or opts.n_slots)
+    return rows, rows
+
+
+def output_buffer_bytes(shape: ModelShape, opts: EstimateOptions) -> int:
+    """Host f32 logits: llama.cpp keeps max(n_seq_max, rows of a decode) rows of n_vocab."""
+    return 4 * shape.n_vocab * max(opts.n_slots, output_rows(shape, opts)[1])
+
+
 def kv_cells(shape: ModelShape, il: int, opts: EstimateOptions) -> int:
-    n_ctx = pad_ctx(opts.n_ctx or shape.n_ctx_train)
+    """Cells of block `il` in one slot's stream (sliding-window layers: window + ubatch)."""
+    n_ctx = slot_cells(shape, opts)
     if not shape.is_swa(il) or opts.swa_full:
         return n_ctx
-    u = min(opts.n_ubatch, opts.n_batch, n_ctx)
-    return min(n_ctx, pad_ctx(shape.sliding_window + u))
+    return min(n_ctx, pad_ctx(shape.sliding_window + ubatch_tokens(shape, opts)))
 
 
 def kv_layer_bytes(shape: ModelShape, il: int, opts: EstimateOptions) -> int:
-    """K and V cache bytes of block `il`."""
-    cells = kv_cells(shape, il, opts)
+    """K and V cache bytes of block `il`, all slots (one stream of kv_cells each)."""
+    cells = kv_cells(shape, il, opts) * opts.n_slots
     k = row_bytes(opts.kv_type, shape.n_embd_k_gqa(il))
     if shape.is_mla:
         return cells * k
@@ -145,16 +200,19 @@ def graph_peak_bytes(shape: ModelShape, opts: EstimateOptions, n_outputs: int, n
     Fitted to llama.cpp's reserved compute buffers (no_alloc dry runs) of llama-, qwen2- and
     gemma3-shaped models: the largest of the attention step (without flash attention the
     f32 KQ matrix n_kv x n_ubatch x n_head), the feed-forward step, and the output step
-    (f32 logits of n_outputs rows), plus the attention masks alive through every layer.
+    (f32 logits of n_outputs rows), plus the attention masks alive through every layer
+    (a sliding-window model has a second one, over the window's cells).
+    With several slots the ubatch is split among their streams and each stream attends
+    over its own cells, so n_kv is one slot's (the default) and the sizes do not grow.
     """
-    n_ctx = pad_ctx(opts.n_ctx or shape.n_ctx_train)
-    n_kv = n_ctx if n_kv is None else n_kv
-    u = min(opts.n_ubatch, opts.n_batch, n_ctx)
+    n_kv = slot_cells(shape, opts) if n_kv is None else n_kv
+    u = ubatch_tokens(shape, opts)
     q_dim = shape.n_head * shape.head_dim_k
     kv_dim = max((shape.n_embd_k_gqa(il) for il in range(shape.n_layers)), default=0)
     wide = max(shape.n_embd, q_dim)
-    n_masks = 2 if shape.swa_layers and any(shape.swa_layers) else 1
-    mask = n_masks * n_kv * u * (2 if opts.flash_attn else 4)
+    swa = next((il for il in range(shape.n_layers) if shape.is_swa(il)), None)
+    mask_kv = n_kv + (min(n_kv, kv_cells(shape, swa, opts)) if swa is not None else 0)  # the window's own mask
+    mask = mask_kv * u * (2 if opts.flash_attn else 4)
     attn = (5 * wide + shape.n_embd + 2 * kv_dim) * u * 4
     if not opts.flash_attn:
         attn += n_kv * u * shape.n_head * 4
@@ -187,7 +245,7 @@ def estimate(shape: ModelShape, n_gpu_layers: int, opts: EstimateOptions, gpu: b
     first_gpu = n + 1 - k  # block il is on the GPU when il >= first_gpu
     output_on_gpu = k >= 1
     cpu_only = k == 0
-    n_ctx = pad_ctx(opts.n_ctx or shape.n_ctx_train)
+    n_ctx = slot_cells(shape, opts)
 
     w_gpu = sum(shape.layer_weight_bytes[first_gpu:]) + (shape.output_bytes if output_on_gpu else 0)
     w_mapped = shape.token_embd_bytes + shape.other_bytes + sum(shape.layer_weight_bytes[:first_gpu])
@@ -200,20 +258,22 @@ def estimate(shape: ModelShape, n_gpu_layers: int, opts: EstimateOptions, gpu: b
     kv = [kv_layer_bytes(shape, il, opts) for il in range(n)]
     kv_gpu, kv_cpu = sum(kv[first_gpu:]), sum(kv[:first_gpu])
 
-    u = min(opts.n_ubatch, opts.n_batch, n_ctx)
+    u = ubatch_tokens(shape, opts)
+    reserved_rows, decode_rows = output_rows(shape, opts)
+    outputs = output_buffer_bytes(shape, opts)
     if cpu_only:
         compute_gpu = 0
-        compute_cpu = graph_peak_bytes(shape, opts, 1) + cpu_work_bytes(shape, opts, n_ctx)
+        compute_cpu = graph_peak_bytes(shape, opts, decode_rows) + cpu_work_bytes(shape, opts, n_ctx) + outputs
         overhead_gpu = 0
         overhead_cpu = host_process_bytes(shape)
     else:
-        compute_gpu = graph_peak_bytes(shape, opts, u)
+        compute_gpu = graph_peak_bytes(shape, opts, reserved_rows)
         if first_gpu > 0:  # partial offload: the GPU also takes CPU weights for big batches
             compute_gpu += shape.max_layer_tensor_bytes
             # pinned CUDA_Host buffer (committed) plus the CPU backend's scratch for its layers
-            compute_cpu = graph_peak_bytes(shape, opts, 1) + cpu_work_bytes(shape, opts, n_ctx)
+            compute_cpu = graph_peak_bytes(shape, opts, decode_rows) + cpu_work_bytes(shape, opts, n_ctx) + outputs
         else:
-            compute_cpu = (shape.n_embd * u + shape.n_vocab) * 4
+            compute_cpu = shape.n_embd * u * 4 + outputs
         overhead_gpu = CUDA_OVERHEAD_BYTES
         overhead_cpu = host_process_bytes(shape) + CUDA_HOST_OVERHEAD_BYTES
 
@@ -235,10 +295,11 @@ def estimate(shape: ModelShape, n_gpu_layers: int, opts: EstimateOptions, gpu: b
         n_gpu_layers=k,
         n_ctx=n_ctx,
         breakdown=b,
+        n_slots=opts.n_slots,
     )
 
 
-def need_function(shape: ModelShape, opts: EstimateOptions) -> Callable[[int], MemoryNeed]:
+def need_function(shape: ModelShape, opts: EstimateOptions) -> NeedFunction:
     """need(k) for k in 0..n_layers+1: GPU bytes and host bytes that must stay resident.
 
     Host bytes are the anonymous memory plus the mapped weights the CPU reads through the
@@ -255,3 +316,15 @@ def need_function(shape: ModelShape, opts: EstimateOptions) -> Callable[[int], M
         return cache[k]
 
     return need
+
+
+def slot_needs(shape: ModelShape, opts: EstimateOptions) -> Callable[[int], NeedFunction]:
+    """needs(s): need(k) with `s` slots (opts' other settings), each built once."""
+    cache: dict[int, NeedFunction] = {}
+
+    def needs(n_slots: int) -> NeedFunction:
+        if n_slots not in cache:
+            cache[n_slots] = need_function(shape, replace(opts, n_slots=n_slots))
+        return cache[n_slots]
+
+    return needs

@@ -42,11 +42,28 @@ the measured figures, so it is not counted again), unless the user asked for a m
 model is now pinned to another node, or its gpu_layers override changed (then the old
 copy's memory still counts on its node until the caller stops it: a conservative plan).
 One replica runs on one GPU (no multi-GPU tensor split); a CPU replica claims no VRAM.
+
+Slots: a replica serves `slots` requests at once, each with the full context, so its KV
+(and logits) grow with them. A model that sets `parallel` gets exactly that many (its
+need is at that count: the rules above, and the reasons, use it). A model that leaves it
+unset (`ModelDemand.need_for_slots`) is placed by the rules above at its floor (1 slot),
+so the node, GPU and kind are the ones one slot gets; once every replica of the call is
+placed, each of these takes, in placing order, the most slots (`max_slots`, 4, down to 2)
+whose need fits the memory left on its node and GPU while it stays the same kind:
+- whole on the GPU stays whole (more slots never turn a whole fit into a split: fewer
+  slots whole beat more slots split), and a gpu_layers override keeps its layers;
+- a split stays a split: the most layers that fit beside that many slots' KV, at least
+  one, the rest in RAM (a split gives up GPU layers for slots: more requests at once,
+  each step a little slower; set `parallel` to choose otherwise);
+- CPU only stays on the CPU, in the RAM left.
+Slots come last so that they never cost another replica its place or its kind: they use
+only memory no replica of this call was given.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 
 from orchestrator.core.hardware import format_bytes
 from orchestrator.core.memory import MemoryNeed
@@ -62,6 +79,8 @@ from orchestrator.core.placement_types import (
     Reservation,
     Margins,
     DEFAULT_MARGINS,
+    DEFAULT_MAX_SLOTS,
+    SlotNeeds,
     snapshot_from_hardware,
     reservations_for,
 )
@@ -78,6 +97,8 @@ __all__ = [
     "Reservation",
     "Margins",
     "DEFAULT_MARGINS",
+    "DEFAULT_MAX_SLOTS",
+    "SlotNeeds",
     "snapshot_from_hardware",
     "reservations_for",
     "place",
@@ -158,7 +179,7 @@ _Choice = tuple[_Node, _Gpu | None, int]  # node, GPU (None: CPU only), layers o
 class _Need:
     """need(k) of one demand, each k computed once; the layer search memoized by VRAM."""
 
-    __slots__ = ("demand", "key", "_cache", "_texts", "_within")
+    __slots__ = ("demand", "key", "_cache", "_texts", "_within", "_by_slots")
 
     def __init__(self, demand: ModelDemand) -> None:
         self.demand = demand
@@ -166,6 +187,17 @@ class _Need:
         self._cache: dict[int, MemoryNeed] = {}
         self._texts: dict[int, str] = {}
         self._within: dict[int, int] = {}
+        self._by_slots: dict[int, _Need] = {}
+
+    def with_slots(self, n_slots: int) -> _Need:
+        """The same replica serving `n_slots` requests at once (demands that pick slots)."""
+        d = self.demand
+        if n_slots == d.slots or d.need_for_slots is None:
+            return self
+        need = self._by_slots.get(n_slots)
+        if need is None:
+            need = self._by_slots[n_slots] = _Need(replace(d, need=d.need_for_slots(n_slots), slots=n_slots))
+        return need
 
     def at(self, k: int) -> MemoryNeed:
         need = self._cache.get(k)
@@ -251,6 +283,10 @@ def place(
     for group in (pinned, to_place[len(pinned):]):  # pinned replicas have first call on their node
         for need, chosen in _place_group(group, ordered, ledger):
             outcome[need.key] = chosen
+    for need in to_place:  # slots last, from what no replica of this call was given
+        placed = outcome[need.key]
+        if need.demand.picks_slots and isinstance(placed, Assignment):
+            outcome[need.key] = _grow_slots(need, placed, ledger[placed.node])
 
     values = list(outcome.values())
     return PlacementResult(
@@ -413,7 +449,39 @@ def _commit(need: _Need, node: _Node, gpu: _Gpu | None, k: int) -> Assignment:
         gpu_bytes=gpu_bytes,
         ram_bytes=at_k.ram_bytes,
         kind=kind,
+        parallel=d.slots,
     )
+
+
+def _grow_slots(need: _Need, placed: Assignment, node: _Node) -> Assignment:
+    """The most slots (max_slots down to the floor + 1) that fit where `placed` is, in the
+    memory it holds plus what is left there, the same kind (module docstring, "Slots")."""
+    d = need.demand
+    gpu = next((g for g in node.gpus if g.index == placed.gpu_index), None) if placed.gpu_index is not None else None
+    ram_room = node.usable_ram_bytes + placed.ram_bytes
+    vram_room = _vram_for(gpu, d) + placed.gpu_bytes if gpu is not None else 0
+    for n_slots in range(d.max_slots, d.slots, -1):
+        more = need.with_slots(n_slots)
+        k = _layers_with_slots(more, placed, vram_room)
+        if k is None:
+            continue
+        at_k = more.at(k)
+        if (gpu is not None and at_k.gpu_bytes > vram_room) or at_k.ram_bytes > ram_room:
+            continue
+        node.take(at_k.ram_bytes - placed.ram_bytes)
+        gpu_bytes = at_k.gpu_bytes if gpu is not None else 0
+        if gpu is not None:
+            gpu.take(gpu_bytes - placed.gpu_bytes)
+        return replace(placed, gpu_layers=k, gpu_bytes=gpu_bytes, ram_bytes=at_k.ram_bytes, parallel=n_slots)
+    return placed
+
+
+def _layers_with_slots(more: _Need, placed: Assignment, vram_room: int) -> int | None:
+    """GPU layers of `placed`'s kind with more slots; None when that kind cannot have them."""
+    if placed.kind != "split" or more.demand.fixed_gpu_layers is not None:
+        return placed.gpu_layers  # whole, CPU only, or the user's gpu_layers: the layers stay
+    k = min(more.most_layers_within(vram_room), more.demand.n_layers - 1)  # a split stays a split
+    return k if k >= 1 else None
 
 
 # ---------------------------------------------------------------- reasons, in numbers
@@ -430,21 +498,23 @@ def _room(usable_bytes: int, free_bytes: int, claimed_bytes: int) -> str:
 
 
 def _why_not_fits(need: _Need, node: _Node, fixed: int | None) -> str:
-    """One line that proves the replica fits nowhere on this node."""
+    """One line that proves the replica fits nowhere on this node (at its floor of slots:
+    with more, it would need more)."""
     d = need.demand
+    slots = f" with {d.slots} slots" if d.slots > 1 else ""
     if fixed == 0:
-        return f"gpu_layers=0: needs {need.ram_text(0)} RAM on CPU, {node.room_text()}"
+        return f"gpu_layers=0: needs {need.ram_text(0)} RAM on CPU{slots}, {node.room_text()}"
     if fixed is not None and not node.gpus:
         return f"gpu_layers={fixed} but the node has no GPU"
     if not node.gpus or d.n_layers == 0:
-        return f"no GPU; needs {need.ram_text(0)} RAM on CPU, {node.room_text()}"
+        return f"no GPU; needs {need.ram_text(0)} RAM on CPU{slots}, {node.room_text()}"
     gpu = node.gpus[0] if len(node.gpus) == 1 else max(node.gpus, key=lambda g: (g.usable_bytes, -g.index))
     vram = _vram_for(gpu, d)
     layers = d.n_layers if fixed is None else fixed
     gpu_label = f"GPU {gpu.index} " if len(node.gpus) > 1 else ""
     keep = f" (keeping {format_bytes(d.keep_free_vram_bytes)} free)" if d.keep_free_vram_bytes else ""
     vram_part = (
-        f"needs {need.gpu_text(layers)} VRAM for {_layers(layers)}{keep}, "
+        f"needs {need.gpu_text(layers)} VRAM for {_layers(layers)}{slots}{keep}, "
         f"{gpu_label}{gpu.room_text(d.keep_free_vram_bytes)}"
     )
     if fixed is not None:

@@ -5,14 +5,19 @@ Plain frozen values; `orchestrator.core.placement.place` is the function over th
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Literal, NamedTuple
 
 from orchestrator.core.hardware import GIB, MIB, NodeHardware
-from orchestrator.core.memory import NeedFunction
+from orchestrator.core.memory import NeedFunction, scaled_need
 
 AssignmentKind = Literal["gpu", "split", "cpu"]
+# Slots a replica gets by default (the model does not set `parallel`): as many as its node
+# can hold, up to this many.
+DEFAULT_MAX_SLOTS = 4
+# slots -> need(k) of a replica that serves that many requests at once
+SlotNeeds = Callable[[int], NeedFunction]
 
 
 @dataclass(frozen=True)
@@ -51,6 +56,11 @@ class ModelDemand:
     negative value or one above n_layers means all layers).
     file_bytes: size of the model's file, copied to a chosen node that lacks it (0: unknown).
     keep_free_disk_bytes: disk a copy must leave free on the node's store.
+    slots: requests the replica serves at once (each with the full context); `need` is
+    the need at this many.
+    need_for_slots: when set, placement picks the slot count, from `slots` (the floor the
+    node is chosen with) up to `max_slots` (see orchestrator/core/placement.py "Slots");
+    need_for_slots(slots) must be `need`. None: exactly `slots` (the model's `parallel`).
     """
 
     model: str
@@ -62,12 +72,17 @@ class ModelDemand:
     keep_free_vram_bytes: int = 0
     file_bytes: int = 0
     keep_free_disk_bytes: int = 0
+    slots: int = 1
+    need_for_slots: SlotNeeds | None = field(default=None, compare=False)
+    max_slots: int = DEFAULT_MAX_SLOTS
 
     def __post_init__(self) -> None:
         if self.n_layers < 0:
             raise ValueError(f"{self.model}: n_layers must be >= 0, got {self.n_layers}")
         if self.keep_free_vram_bytes < 0:
             raise ValueError(f"{self.model}: keep_free_vram_bytes must be >= 0")
+        if self.slots < 1:
+            raise ValueError(f"{self.model}: slots must be >= 1, got {self.slots}")
 
     @property
     def fixed_gpu_layers(self) -> int | None:
@@ -77,6 +92,26 @@ class ModelDemand:
         if self.gpu_layers < 0 or self.gpu_layers > self.n_layers:
             return self.n_layers
         return self.gpu_layers
+
+    @property
+    def picks_slots(self) -> bool:
+        """Whether placement chooses the slot count (the model leaves `parallel` unset)."""
+        return self.need_for_slots is not None and self.max_slots > self.slots
+
+    def scaled(self, factor: float) -> ModelDemand:
+        """The same demand with every need (at every slot count) multiplied by `factor`
+        (a calibration from llama.cpp's dry run)."""
+        by_slots = self.need_for_slots
+        if by_slots is None:
+            return replace(self, need=scaled_need(self.need, factor))
+        cache: dict[int, NeedFunction] = {}
+
+        def scaled_for_slots(n_slots: int) -> NeedFunction:
+            if n_slots not in cache:
+                cache[n_slots] = scaled_need(by_slots(n_slots), factor)
+            return cache[n_slots]
+
+        return replace(self, need=scaled_for_slots(self.slots), need_for_slots=scaled_for_slots)
 
 
 @dataclass(frozen=True)
@@ -90,6 +125,7 @@ class Assignment:
     gpu_bytes: int
     ram_bytes: int
     kind: AssignmentKind
+    parallel: int = 1  # slots: requests served at once, each with the full context
 
 
 @dataclass(frozen=True)

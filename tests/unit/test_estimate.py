@@ -12,8 +12,12 @@ from orchestrator.core.estimate import (
     EstimateOptions,
     estimate,
     graph_peak_bytes,
+    kv_cells,
     kv_layer_bytes,
     need_function,
+    output_buffer_bytes,
+    output_rows,
+    slot_needs,
 )
 from orchestrator.core.model_shape import ModelShape, shape_from_gguf, swa_layer_pattern
 
@@ -107,11 +111,11 @@ def test_gemma3_has_five_sliding_window_layers_then_one_global_layer():
     assert swa_layer_pattern(4, 2) == (True, False, True, False)  # gemma2 alternates
 
 
-def test_sliding_window_layers_hold_the_window_plus_a_ubatch_only_when_swa_full_is_off():
+def test_sliding_window_layers_hold_the_window_plus_a_ubatch_unless_swa_full():
     shape = shape_of(n_layers=6, sliding_window=512, swa_layers=swa_layer_pattern(6, 6))
-    full = EstimateOptions(32768)
-    small = EstimateOptions(32768, swa_full=False)
-    assert kv_layer_bytes(shape, 0, full) == kv_layer_bytes(shape, 5, full)  # llama.cpp's default
+    full = EstimateOptions(32768, swa_full=True)  # llama-cpp-python's Llama
+    small = EstimateOptions(32768)  # the batched engine (swa_full=False)
+    assert kv_layer_bytes(shape, 0, full) == kv_layer_bytes(shape, 5, full)
     assert kv_layer_bytes(shape, 0, small) * 32 == kv_layer_bytes(shape, 5, small)  # 1024 of 32768 cells
     assert kv_layer_bytes(shape, 5, small) == kv_layer_bytes(shape, 5, full)
 
@@ -131,12 +135,21 @@ def test_without_flash_attention_the_compute_buffer_grows_by_ctx_x_ubatch_x_head
     assert fa_growth <= 8192 * 512 * 2  # the f16 mask only
 
 
-def test_gpu_compute_holds_logits_for_the_whole_ubatch_and_cpu_compute_for_one_token():
+def test_llama_default_outputs_reserve_logits_for_the_whole_ubatch_on_gpu_and_touch_one_row_on_cpu():
     shape = shape_of(n_vocab=262144)
-    opts = EstimateOptions(2048, flash_attn=True)
+    opts = EstimateOptions(2048, flash_attn=True, n_outputs_max=0)  # llama.cpp's default: n_batch rows
     whole = estimate(shape, -1, opts).breakdown.compute_gpu_bytes
     cpu = estimate(shape, 0, opts).breakdown.compute_cpu_bytes
     assert whole >= 262144 * 512 * 4 > cpu
+
+
+@pytest.mark.parametrize("n_slots", [1, 4, 8])
+def test_engine_reserves_one_row_of_logits_per_slot_not_per_ubatch(n_slots):
+    shape = shape_of(n_vocab=262144)
+    engine = EstimateOptions(2048, flash_attn=True, n_slots=n_slots)
+    whole = estimate(shape, -1, engine).breakdown.compute_gpu_bytes
+    assert whole == graph_peak_bytes(shape, engine, n_slots) < 262144 * 512 * 4
+    assert output_rows(shape, engine) == (n_slots, n_slots)
 
 
 def test_cpu_only_repacked_weights_are_anonymous_but_counted_once_in_the_need():
@@ -161,16 +174,84 @@ def sparse_models(tmp_path_factory):
 
 
 @pytest.mark.parametrize("model", ["llama-gqa", "gemma3-swa"])
-@pytest.mark.parametrize("n_ctx, kv_type, flash_attn", [(4096, "f16", False), (8192, "q8_0", True)])
-def test_kv_and_compute_agree_with_llama_cpp_dry_run(sparse_models, model, n_ctx, kv_type, flash_attn):
+@pytest.mark.parametrize("n_ctx, kv_type, flash_attn, n_slots",
+                         [(4096, "f16", False, 1), (8192, "q8_0", True, 1), (4096, "f16", False, 4)])
+def test_kv_and_compute_agree_with_llama_cpp_dry_run(sparse_models, model, n_ctx, kv_type, flash_attn, n_slots):
     from worker.dry_run import dry_run
 
     path = sparse_models[model]
-    shape, opts = shape_from_gguf(path), EstimateOptions(n_ctx, kv_type=kv_type, flash_attn=flash_attn)
-    dry = dry_run(path, n_ctx, 0, kv_type=kv_type, flash_attn=flash_attn)
+    shape = shape_from_gguf(path)
+    opts = EstimateOptions(n_ctx, kv_type=kv_type, flash_attn=flash_attn, n_slots=n_slots)
+    dry = dry_run(path, n_ctx, 0, kv_type=kv_type, flash_attn=flash_attn, n_slots=n_slots)
     assert dry.error is None, dry.error
+    assert dry.n_slots == n_slots
     e = estimate(shape, 0, opts, gpu=False)
     assert e.breakdown.kv_cpu_bytes == pytest.approx(dry.kv_cpu_bytes, abs=0.02 * MIB)
-    assert 0.99 * dry.compute_cpu_bytes <= graph_peak_bytes(shape, opts, 1) <= 1.15 * dry.compute_cpu_bytes
-    assert 0.99 * dry.compute_cpu_alloc_bytes <= graph_peak_bytes(shape, opts, 512) <= 1.15 * dry.compute_cpu_alloc_bytes
+    assert 0.99 * dry.compute_cpu_bytes <= graph_peak_bytes(shape, opts, n_slots) <= 1.15 * dry.compute_cpu_bytes
+    assert output_buffer_bytes(shape, opts) == pytest.approx(dry.output_bytes, abs=0.02 * MIB)
     assert e.breakdown.weights_repacked_bytes == dry.repacked_bytes
+
+
+# ---------------------------------------------------------------- slots (the batched engine)
+
+
+def test_kv_grows_by_one_full_context_per_slot():
+    shape = shape_of()
+    one, four = EstimateOptions(4096), EstimateOptions(4096, n_slots=4)
+    assert kv_layer_bytes(shape, 0, four) == 4 * kv_layer_bytes(shape, 0, one) == 4 * 2 * 4096 * 4 * 64 * 2
+    assert estimate(shape, 0, four).n_ctx == 4096  # per slot: every slot has the whole context
+    grown = estimate(shape, 0, four).breakdown.kv_cpu_bytes - estimate(shape, 0, one).breakdown.kv_cpu_bytes
+    assert grown == 3 * estimate(shape, 0, one).breakdown.kv_cpu_bytes
+
+
+def test_each_slot_of_a_sliding_window_layer_holds_the_window_plus_a_ubatch_padded_to_256():
+    shape = shape_of(n_layers=6, sliding_window=512, swa_layers=swa_layer_pattern(6, 6))
+    opts = EstimateOptions(32768, n_slots=4)
+    assert kv_cells(shape, 0, opts) == 1024  # pad256(512 + 512), per slot
+    assert kv_cells(shape, 5, opts) == 32768  # the global layer: the whole context, per slot
+    assert kv_cells(shape, 0, EstimateOptions(700, n_slots=4)) == 768  # a slot's context caps the window
+    assert kv_cells(shape, 0, EstimateOptions(32768, n_ubatch=100, n_slots=4)) == 768  # pad256(512 + 100)
+    assert kv_layer_bytes(shape, 0, opts) == 4 * 1024 * 2 * 4 * 64 * 2
+
+
+def test_the_compute_graph_does_not_grow_with_slots_but_the_logits_do():
+    shape = shape_of(n_vocab=262144)
+    one, eight = EstimateOptions(4096, flash_attn=True), EstimateOptions(4096, flash_attn=True, n_slots=8)
+    assert output_buffer_bytes(shape, eight) == 8 * 262144 * 4 == 8 * output_buffer_bytes(shape, one)
+    whole_one, whole_eight = estimate(shape, -1, one).breakdown, estimate(shape, -1, eight).breakdown
+    assert whole_eight.compute_cpu_bytes - whole_one.compute_cpu_bytes == 7 * 262144 * 4  # the output buffer
+    assert graph_peak_bytes(shape, eight, 1) == graph_peak_bytes(shape, one, 1)  # each stream attends its own cells
+
+
+def test_one_slot_of_the_engine_is_llamas_figure_but_for_the_reserved_logits():
+    shape = shape_of(n_vocab=262144)
+    engine = EstimateOptions(4096, flash_attn=True)
+    llama = EstimateOptions(4096, flash_attn=True, swa_full=True, n_outputs_max=0)
+    assert estimate(shape, 0, engine) == estimate(shape, 0, llama)
+    assert estimate(shape, -1, engine).ram_bytes == estimate(shape, -1, llama).ram_bytes
+    saved = estimate(shape, -1, llama).gpu_bytes - estimate(shape, -1, engine).gpu_bytes
+    assert saved == graph_peak_bytes(shape, llama, 512) - graph_peak_bytes(shape, engine, 1) > 0
+
+
+def test_slot_needs_are_built_once_per_slot_count_and_grow_with_slots():
+    needs = slot_needs(shape_of(), EstimateOptions(4096))
+    assert needs(2) is needs(2)
+    assert [needs(s)(5).gpu_bytes for s in (1, 2, 3, 4)] == sorted({needs(s)(5).gpu_bytes for s in (1, 2, 3, 4)})
+    assert needs(1)(0) == need_function(shape_of(), EstimateOptions(4096))(0)
+
+
+def test_zero_slots_is_refused():
+    with pytest.raises(EstimateError, match="n_slots"):
+        EstimateOptions(4096, n_slots=0)
+
+
+def test_a_calibration_compares_the_dry_run_with_the_estimate_at_the_dry_runs_slot_count():
+    from orchestrator.calibration import calibration_from_dry_run
+
+    shape = shape_of()
+    four = estimate(shape, 0, EstimateOptions(4096, n_slots=4), gpu=False)
+    total = four.gpu_bytes + four.ram_bytes + four.mmap_bytes
+    dry = {"gpu_bytes": 0, "ram_bytes": int(1.1 * total) - four.mmap_bytes, "mmap_bytes": four.mmap_bytes,
+           "n_slots": 4}
+    cal = calibration_from_dry_run(shape, EstimateOptions(4096), 0, dry, "box", gpu=False)
+    assert (cal.factor, cal.n_slots) == (pytest.approx(1.1, abs=1e-4), 4)

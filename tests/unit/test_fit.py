@@ -176,3 +176,24 @@ def test_measured_cpu_speed_gives_a_probed_node_its_effective_ram_bandwidth():
     calibrated, factor = calibrate_speed(probed, shape, 0, None, 7.0)
     assert factor == 1.0
     assert abs(decode_tokens_per_s(shape, 0, calibrated, None) - 7.0) < 0.1
+
+
+def test_each_node_gets_the_most_slots_up_to_four_that_keep_its_verdict():
+    shape = catalog.lookup("qwen2.5-coder-14b")
+    opts = EstimateOptions(8192)
+    report = fit_report(shape, opts, [node("big", vram_gib=16), node("small", vram_gib=6), node("cpu")])
+    big, small, cpu = report.nodes
+    assert (big.verdict, big.n_slots) == ("gpu", 4) and ", 4 slots:" in big.summary
+    assert small.verdict == "split" and small.n_slots == 4
+    assert cpu.verdict == "cpu" and cpu.n_slots == 4
+    one = fit_node(shape, opts, node("small", vram_gib=6))  # fit_node alone: exactly opts.n_slots
+    assert one.n_slots == 1 and small.n_gpu_layers < one.n_gpu_layers  # a split gives layers to the slots' KV
+    assert "breakdown for 1 slot, nodes with up to 4" in render_fit(report)
+
+
+def test_a_whole_gpu_fit_keeps_fewer_slots_rather_than_becoming_a_split():
+    shape = catalog.lookup("qwen2.5-coder-14b")
+    box = node("big", vram_gib=16, free_vram_gib=13)  # 12.2 GiB usable: 1 slot at 8k is 10.6 GiB, 2 are 12.1
+    fit = fit_report(shape, EstimateOptions(8192), [box]).nodes[0]
+    assert (fit.verdict, fit.n_slots) == ("gpu", 2)
+    assert fit_report(shape, EstimateOptions(8192), [box], max_slots=1).nodes[0].n_slots == 1

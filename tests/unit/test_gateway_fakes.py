@@ -224,10 +224,21 @@ class FakeController:
         self.cluster = FakeCluster()
         self.files = FakeFiles()
         self.died: list[tuple[str, str]] = []
+        self.waiting: dict[str, int] = {}
+        self.touched: list[tuple[str, object]] = []
 
     @property
     def models(self) -> dict[str, ModelConfig]:
         return {m.name: m for m in self.config.models}
+
+    def touch(self, name: str, keep_alive: object = None) -> None:
+        self.touched.append((name, keep_alive))
+
+    def waits_for_load(self, name: str) -> bool:
+        return False  # the loading path runs against the real controller (tests/integration/test_on_demand.py)
+
+    def unloads_in_s(self, name: str) -> float | None:
+        return None
 
     def add_replica(self, model: str = MODEL, handle: FakeReplicaHandle | None = None) -> ReplicaRecord:
         index = sum(1 for (m, _) in self.replicas if m == model)

@@ -455,3 +455,127 @@ def test_many_models_on_many_nodes_is_fast():
     start = time.perf_counter()
     place(nodes, demands)
     assert time.perf_counter() - start < 2.0  # the benchmark holds the real goal (< 1 s)
+
+
+# ---------------------------------------------------------------- slots (requests served at once)
+
+
+def auto_demand(model: str, weights_gib: float, kv_gib: float, n_layers: int = 32, replica: int = 0,
+                **kwargs) -> ModelDemand:
+    """A model that leaves `parallel` unset: every slot adds kv_gib, spread over its layers
+    (on one GPU it needs 0.5 GiB + weights + slots x kv_gib)."""
+    made: dict[int, object] = {}
+
+    def needs(n_slots: int):
+        return made.setdefault(n_slots, linear_need((weights_gib + n_slots * kv_gib) / n_layers, n_layers))
+
+    return ModelDemand(model, replica, n_layers, needs(1), need_for_slots=needs, **kwargs)
+
+
+def slots_of(result, model: str, replica: int = 0) -> tuple:
+    (a,) = [a for a in result.assignments if (a.model, a.replica) == (model, replica)]
+    return a.node, a.kind, a.gpu_layers, a.parallel
+
+
+@pytest.mark.parametrize(
+    "weights_gib, kv_gib, expected",
+    [
+        (2, 0.5, ("laptop-1", "gpu", 32, 4)),  # 0.5 + 2 + 4 x 0.5 = 4.5 of 5.7 GiB
+        (3, 1.0, ("laptop-1", "gpu", 32, 2)),  # 2 slots: 5.5; 3 would need 6.5
+        (4, 1.0, ("laptop-1", "gpu", 32, 1)),  # 1 slot on the laptop, not 4 on the desktop (rule 1 first)
+        (9, 1.0, ("desktop", "gpu", 32, 4)),  # 13.5 of 15.2 GiB
+        (12, 1.0, ("desktop", "gpu", 32, 2)),
+    ],
+)
+def test_default_slots_are_the_most_up_to_four_that_the_chosen_card_holds_whole(weights_gib, kv_gib, expected):
+    result = place(home_lab(), [auto_demand("m", weights_gib, kv_gib)])
+    assert slots_of(result, "m") == expected
+
+
+def test_memory_of_the_assignment_is_for_the_slots_it_got():
+    (a,) = place(home_lab(), [auto_demand("m", 2, 0.5)]).assignments
+    assert (a.parallel, a.gpu_bytes, a.ram_bytes) == (4, int(4.5 * GIB), int(1.0 * GIB))
+    assert reservations_for([a])["laptop-1"].vram_bytes_by_gpu == {0: int(4.5 * GIB)}
+
+
+@pytest.mark.parametrize("kv_gib, expected_slots", [(1.0, 1), (0.35, 3)])
+def test_more_slots_never_turn_a_whole_gpu_fit_into_a_split(kv_gib, expected_slots):
+    # 0.5 + 4 GiB + the slots' KV must stay within the 5.7 GiB card; four slots would fit as a split
+    lab = [node("laptop", vram_gib=6, ram_gib=64)]
+    assert slots_of(place(lab, [auto_demand("m", 4, kv_gib)]), "m") == ("laptop", "gpu", 32, expected_slots)
+
+
+def test_a_split_stays_a_split_and_gives_layers_to_the_slots_kv():
+    lab = [node("desktop", vram_gib=16, ram_gib=64)]
+    one = place(lab, [ModelDemand("m", 0, 32, linear_need(21 / 32, 32))])  # the same model at 1 slot
+    result = place(lab, [auto_demand("m", 20, 1.0)])
+    _, kind, layers, slots = slots_of(result, "m")
+    assert (kind, slots) == ("split", 4)
+    assert 1 <= layers < where(one, "m")[2]
+    per_layer = (20 + 4 * 1.0) / 32
+    assert 0.5 + layers * per_layer <= 15.2 < 0.5 + (layers + 1) * per_layer
+
+
+def test_cpu_only_takes_the_slots_its_ram_holds():
+    lab = [node("box", ram_gib=64)]  # 60.8 GiB usable: 1 + 50 + 3 x 3 = 60 fits, 4 slots (63) do not
+    assert slots_of(place(lab, [auto_demand("m", 50, 3.0)]), "m") == ("box", "cpu", 0, 3)
+
+
+def test_an_explicit_parallel_is_honoured_even_when_it_means_a_split():
+    needs = auto_demand("m", 4, 1.0).need_for_slots
+    fixed = ModelDemand("m", 0, 32, needs(4), slots=4)  # parallel: 4 in the config
+    assert slots_of(place(home_lab(), [fixed]), "m") == ("desktop", "gpu", 32, 4)  # 8.5 GiB: not a laptop
+    lone = [node("laptop", vram_gib=6, ram_gib=64)]
+    _, kind, _, slots = slots_of(place(lone, [fixed]), "m")
+    assert (kind, slots) == ("split", 4)
+
+
+def test_slots_never_cost_another_replica_its_whole_gpu_fit():
+    lab = [node("desktop", vram_gib=16, ram_gib=64)]
+    # at one slot both fit whole (8.5 + 6.0 of 15.2 GiB); four slots of "a" would push "b" to a split
+    result = place(lab, [auto_demand("a", 7, 1.0), demand("b", 5.5)])
+    assert slots_of(result, "a") == ("desktop", "gpu", 32, 1)
+    assert slots_of(result, "b") == ("desktop", "gpu", 32, 1)
+
+
+def test_slots_are_given_in_placing_order_from_what_is_left():
+    lab = [node("laptop", vram_gib=6, ram_gib=64)]
+    demands = [auto_demand("m", 1, 0.5, replica=r) for r in range(2)]  # 2.0 each, 1.7 GiB left over
+    result = place(lab, demands)
+    assert [slots_of(result, "m", r)[3] for r in range(2)] == [4, 1]
+
+
+def test_a_running_replica_keeps_its_slots():
+    kept = Assignment("m", 0, "laptop-1", 0, 32, 32, int(3.5 * GIB), GIB, "gpu", parallel=2)
+    result = place(home_lab(), [auto_demand("m", 2, 0.5)], current=[kept])
+    assert result.assignments == (kept,)
+
+
+def test_an_assignment_built_without_slots_has_one():
+    assert Assignment("m", 0, "n", None, 0, 32, 0, GIB, "cpu").parallel == 1
+
+
+def test_unplaced_reasons_are_in_numbers_and_name_explicit_slots():
+    needs = auto_demand("big", 200, 2.0).need_for_slots
+    result = place(home_lab(), [ModelDemand("big", 0, 32, needs(4), slots=4), auto_demand("auto", 200, 2.0)])
+    fixed, auto = reasons_of(result, "big"), reasons_of(result, "auto")
+    assert fixed["desktop"].startswith("needs 208.5 GiB VRAM for 32 layers with 4 slots, 15.2 GiB usable")
+    assert auto["desktop"].startswith("needs 202.5 GiB VRAM for 32 layers, 15.2 GiB usable")  # at one slot
+    assert "GiB RAM" in fixed["laptop-2"] and "GiB RAM" in auto["laptop-2"]
+
+
+def test_a_calibration_scales_the_need_at_every_slot_count():
+    d = auto_demand("m", 2, 0.5).scaled(1.5)
+    base = auto_demand("m", 2, 0.5)
+    assert d.need(32) == MemoryNeed(int(base.need(32).gpu_bytes * 1.5), int(base.need(32).ram_bytes * 1.5))
+    assert d.need_for_slots(4)(32).gpu_bytes == int(base.need_for_slots(4)(32).gpu_bytes * 1.5)
+    assert slots_of(place(home_lab(), [d]), "m") == ("laptop-1", "gpu", 32, 2)  # 1.5 x (2.5 + s x 0.5)
+
+
+def test_picking_slots_for_many_models_is_fast():
+    nodes = [node(f"n{i:03}", vram_gib=[None, 6, 8, 16, 24][i % 5], ram_gib=16 + 8 * (i % 4)) for i in range(100)]
+    demands = [auto_demand(f"m{i:04}", [0.5, 2, 4, 8, 20, 40][i % 6], 0.25, n_layers=32 + i % 48) for i in range(1000)]
+    start = time.perf_counter()
+    result = place(nodes, demands)
+    assert time.perf_counter() - start < 3.0
+    assert {a.parallel for a in result.assignments} >= {1, 4}

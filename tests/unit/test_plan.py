@@ -71,6 +71,7 @@ def test_json_plan_carries_bytes_as_integers():
         "gpu_bytes": int(4.5 * GIB),
         "ram_bytes": GIB,
         "kind": "gpu",
+        "parallel": 1,
     }
     assert data["nodes"][0]["gpus"][0]["vram_total_bytes"] == 16 * GIB
     json.dumps(data)
@@ -186,3 +187,19 @@ def test_running_assignment_round_trips_through_the_report():
     kept = Assignment("m", 0, "desktop", None, 0, 32, 0, 5 * GIB, "cpu")
     text = render_plan(PlacementResult((kept,), ()), nodes_from_files(None))
     assert "m      0        desktop  -    0/32                   -   5.0 GiB  cpu" in text
+
+
+def test_report_shows_the_slots_each_replica_got():
+    from dataclasses import replace
+
+    kept = Assignment("m", 0, "desktop", None, 0, 32, 0, 5 * GIB, "cpu")
+    text = render_plan(PlacementResult((kept, replace(kept, replica=1, parallel=4)), ()), nodes_from_files(None))
+    assert "KIND  SLOTS" in text
+    assert "5.0 GiB  cpu   1" in text and "5.0 GiB  cpu   4" in text
+
+
+def test_live_replicas_keep_the_slots_they_run_with():
+    view = _cluster_view()
+    view.models[0].replicas[0].slots = 4
+    _, ready, loading = snapshots_from_view(view)
+    assert [a.parallel for a in ready + loading] == [4, 1]

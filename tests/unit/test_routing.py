@@ -16,3 +16,25 @@ from orchestrator.core.routing import choose_replica
 )
 def test_request_goes_to_the_ready_replica_with_fewest_in_flight_or_none_when_all_full(loads, queue, expected):
     assert choose_replica(list(loads), loads.__getitem__, queue) == expected
+
+
+@pytest.mark.parametrize(
+    "loads, slots, queue, expected",
+    [
+        ({"a": 3, "b": 1}, {"a": 4, "b": 1}, 4, "a"),  # a has a free slot, b has none
+        ({"a": 4, "b": 1}, {"a": 4, "b": 1}, 4, "a"),  # both full: equal queues, first listed
+        ({"a": 6, "b": 2}, {"a": 4, "b": 1}, 4, "b"),  # a queues 2, b queues 1
+        ({"a": 8, "b": 5}, {"a": 4, "b": 1}, 4, None),  # 4 slots + 4 queued; 1 slot + 4 queued
+        ({"a": 7}, {"a": 4}, 4, "a"),
+    ],
+)
+def test_request_goes_to_a_free_slot_then_the_shortest_queue(loads, slots, queue, expected):
+    assert choose_replica(list(loads), loads.__getitem__, queue, slots.__getitem__) == expected
+
+
+def test_retry_after_grows_with_the_queue_and_stays_bounded():
+    from orchestrator.core.routing import overload_retry_after_s
+
+    assert overload_retry_after_s(1, 4) == 1
+    assert overload_retry_after_s(8, 1) == 16
+    assert overload_retry_after_s(1000, 1) == 30

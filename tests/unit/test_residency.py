@@ -1,0 +1,157 @@
+"""Models that load on demand, unload when idle and make room for each other: the
+controller's residency logic against the fake cluster of test_controller (Ray replaced,
+the logic real)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from orchestrator.controller import Controller
+from tests.unit.test_controller import FakeCluster, config, run_ticks
+
+SEVEN_B = "deepseek-r1-distill-qwen-7b.gguf"  # ~4.7 GB at Q4_K_M: one at a time on a 6 GB card
+
+
+def on_demand(name: str, **extra) -> dict:
+    return {"name": name, "path": SEVEN_B, "context": 4096, "parallel": 1, "load": "on_demand", **extra}
+
+
+def states(controller: Controller) -> dict[str, str]:
+    return {name: controller.model_state(name)[0] for name in controller.models}
+
+
+def kinds(controller: Controller) -> list[tuple[str, str]]:
+    return [(e["kind"], e["model"]) for e in controller.events if e["kind"] != "load_requested"]
+
+
+def test_an_on_demand_model_is_not_loaded_until_it_is_asked_for():
+    controller = Controller(config([on_demand("a"), {"name": "b", "path": SEVEN_B, "context": 4096}]),
+                            FakeCluster(["desktop"]))
+    run_ticks(controller)
+    assert states(controller) == {"a": "not_loaded", "b": "ready"}
+    assert controller.model_state("a")[1] == "loads on its first request"
+    controller.request_load("a")
+    run_ticks(controller)
+    assert states(controller) == {"a": "ready", "b": "ready"}
+    assert ("loaded", "a") in kinds(controller)
+
+
+def test_a_model_that_finds_no_room_evicts_the_least_recently_used_idle_one():
+    cluster = FakeCluster(["laptop-1"])
+    controller = Controller(config([on_demand("a"), on_demand("b"), on_demand("c")]), cluster)
+    run_ticks(controller)
+    controller.request_load("a")
+    run_ticks(controller)
+    assert next(r for r in controller.replicas.values()).assignment.kind == "gpu"
+    controller.request_load("b")  # no room on the card: a (idle) goes
+    run_ticks(controller)
+    assert states(controller) == {"a": "not_loaded", "b": "ready", "c": "not_loaded"}
+    evicted = [e for e in controller.events if e["kind"] == "evicted"]
+    assert [e["model"] for e in evicted] == ["a"]
+    assert "to make room for b" in evicted[0]["reason"] and "GiB" in evicted[0]["reason"]
+    assert cluster.killed == ["a#0"]
+    assert controller.model_state("a")[1] == evicted[0]["reason"]
+    assert next(r for r in controller.replicas.values()).assignment.kind == "gpu"  # whole on the card again
+
+
+def test_a_model_with_a_request_in_flight_is_never_evicted():
+    cluster = FakeCluster(["laptop-1"])
+    controller = Controller(config([on_demand("a"), on_demand("b")]), cluster)
+    run_ticks(controller)
+    controller.request_load("a")
+    run_ticks(controller)
+    busy = next(r for r in controller.replicas.values() if r.model == "a")
+    busy.in_flight = 1
+    controller.request_load("b")
+    run_ticks(controller)
+    assert states(controller)["a"] == "ready" and not cluster.killed
+    b = next(r for r in controller.replicas.values() if r.model == "b")
+    assert b.assignment.kind != "gpu"  # it took what was left: a split or the CPU, not a's card
+    assert not [e for e in controller.events if e["kind"] == "evicted"]
+
+
+def test_load_always_models_and_pinned_keep_alive_are_never_evicted():
+    cluster = FakeCluster(["laptop-1"])
+    controller = Controller(config([{"name": "a", "path": SEVEN_B, "context": 4096, "parallel": 1},
+                                    on_demand("p", keep_alive=-1), on_demand("b")]), cluster)
+    run_ticks(controller)
+    controller.request_load("b")
+    run_ticks(controller)
+    assert not cluster.killed and states(controller)["a"] == "ready"
+
+
+def test_an_idle_model_unloads_after_its_keep_alive_and_a_busy_one_stays():
+    cluster = FakeCluster(["desktop"])
+    controller = Controller(config([on_demand("a", keep_alive="50ms"), on_demand("b", keep_alive="50ms")]), cluster)
+    run_ticks(controller)
+    controller.request_load("a")
+    controller.request_load("b")
+    run_ticks(controller)
+    assert states(controller) == {"a": "ready", "b": "ready"}
+    next(r for r in controller.replicas.values() if r.model == "b").in_flight = 1
+    time.sleep(0.1)
+    run_ticks(controller)
+    assert states(controller) == {"a": "not_loaded", "b": "ready"}
+    reason = next(e for e in controller.events if e["kind"] == "idle_unload")["reason"]
+    assert "keep_alive 0.05s" in reason or "keep_alive 50ms" in reason or "keep_alive" in reason
+    assert controller.unloads_in_s("b") == pytest.approx(0.05)  # busy: its whole keep_alive is ahead
+
+
+def test_a_request_keep_alive_overrides_the_config():
+    controller = Controller(config([on_demand("a")]), FakeCluster(["desktop"]))
+    assert controller.keep_alive_s("a") == 1800  # on-demand default: 30m
+    controller.touch("a", "5m")
+    assert controller.keep_alive_s("a") == 300
+    controller.touch("a", -1)
+    assert controller.keep_alive_s("a") is None and controller.unloads_in_s("a") is None
+
+
+def test_a_model_that_fits_nowhere_even_with_room_made_is_reported_in_numbers():
+    huge = {"name": "huge", "path": "deepseek-r1-distill-llama-70b.gguf", "context": 131072, "load": "on_demand"}
+    controller = Controller(config([huge]), FakeCluster(["laptop-1"]))
+    run_ticks(controller)
+    controller.request_load("huge")
+    controller.waiting["huge"] = 1  # a request waits for it
+    run_ticks(controller)
+    problem = controller._load_problem("huge")
+    assert problem is not None and problem.status == 503 and "GiB" in problem.message
+    del controller.waiting["huge"]  # it was answered 503: nobody wants the model any more
+    run_ticks(controller)
+    assert states(controller) == {"huge": "not_loaded"} and not controller.cannot_place
+
+
+def test_unload_and_reload_change_what_is_loaded():
+    import asyncio
+
+    cluster = FakeCluster(["desktop"])
+    controller = Controller(config([{"name": "a", "path": SEVEN_B, "context": 4096}, on_demand("b")]), cluster)
+    run_ticks(controller)
+    assert states(controller)["a"] == "ready"
+    answer = asyncio.run(controller.unload_model("a"))
+    assert answer == {"model": "a", "unloaded": ["a#0"]} and states(controller)["a"] == "not_loaded"
+    summary = asyncio.run(controller.reload_config(config([
+        {"name": "a", "path": SEVEN_B, "context": 8192},  # changed
+        {"name": "c", "path": SEVEN_B, "context": 4096},  # added; b removed
+    ])))
+    assert summary == {"added": ["c"], "removed": ["b"], "changed": ["a"], "unchanged": []}
+    run_ticks(controller)
+    assert states(controller) == {"a": "ready", "c": "ready"}
+    assert next(s for n, r, s in cluster.started if r == "a#0" and s["n_ctx"] == 8192)
+
+
+def test_the_ledger_keeps_counting_a_ready_model_whose_weights_the_os_calls_available():
+    controller = Controller(config([{"name": "a", "path": SEVEN_B, "context": 4096, "parallel": 1,
+                                     "gpu_layers": 0}]), FakeCluster(["desktop"]))
+    run_ticks(controller)
+    replica = next(iter(controller.replicas.values()))
+    node = next(iter(controller.nodes.values()))
+    measured_free = controller._snapshots()[0].ram_free_bytes
+    # A declared machine's figures never show the replica: all of its estimate is held.
+    assert controller._ledger_snapshots()[0].ram_free_bytes == measured_free - replica.assignment.ram_bytes
+    # A probed one shows its anonymous memory as used, its mapped weights as available: the rest is held.
+    node.hardware = node.hardware.model_copy(update={"source": "probe"})
+    replica.info["memory"] = {"rss_anon_bytes": 1 << 30, "rss_file_bytes": 4 << 30}
+    held = replica.assignment.ram_bytes - (1 << 30)
+    assert controller._ledger_snapshots()[0].ram_free_bytes == measured_free - held
