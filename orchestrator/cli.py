@@ -7,8 +7,8 @@ import importlib
 import sys
 
 # Subcommand modules; each exposes register(subparsers) and sets func=run(args) -> int
-# (manage registers three: load, unload, reload).
-COMMANDS = ("up", "join", "status", "chat", "plan", "fit", "pull", "models", "manage")
+# (manage registers five: load, unload, reload, drain, undrain).
+COMMANDS = ("up", "join", "token", "status", "chat", "plan", "fit", "pull", "models", "manage")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -13,9 +13,9 @@ from pydantic import BaseModel, Field, computed_field
 from orchestrator.core.hardware import NodeHardware
 from orchestrator.core.store_types import StoreReport, TransferProgress
 
-NodeState = Literal["alive", "gone"]
-ReplicaState = Literal["not_loaded", "pending", "copying", "downloading", "loading", "ready", "unloading", "failed",
-                       "stopped"]
+NodeState = Literal["alive", "draining", "gone"]  # draining: alive, but placement leaves it out
+ReplicaState = Literal["not_loaded", "pending", "waking", "copying", "downloading", "loading", "ready", "unloading",
+                       "failed", "stopped"]
 
 
 class NodeView(BaseModel):
@@ -33,6 +33,7 @@ class NodeView(BaseModel):
     speed_factor: float | None = Field(
         None, description="Measured / predicted decode speed on this node (from its replicas' requests)."
     )
+    wake_mac: str | None = Field(None, description="MAC the head sends Wake-on-LAN to while the node sleeps.")
 
 
 class ReplicaView(BaseModel):

@@ -51,6 +51,20 @@ class GatewayConfig(_Strict):
         description="Browser origins allowed to call the endpoint (CORS), e.g. http://localhost:3000, or '*'; "
         "none by default.",
     )
+    trusted_proxies: list[str] = Field(
+        default_factory=list,
+        description="Reverse proxies (addresses or networks, e.g. 127.0.0.1, 10.0.0.0/24) whose X-Forwarded-For "
+        "names the client; from any other peer the header is ignored. The forwarded client is then what the "
+        "API key's loopback exemption checks. None by default.",
+    )
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxies_are_addresses(cls, value: list[str]) -> list[str]:
+        from orchestrator.gateway.client_address import parse_networks
+
+        parse_networks(value)  # a ValueError names the entry
+        return [entry.strip() for entry in value]
 
 
 class ClusterConfig(_Strict):
@@ -78,8 +92,16 @@ class ClusterConfig(_Strict):
     copy_rate_limit_mib_s: float | None = Field(
         None, gt=0, description="Cap on each node-to-node copy or download, in MiB/s (None: as fast as the network)."
     )
+    rebalance: bool = Field(
+        True, description="Move a model back, make-before-break, when a machine (re)joins and the rules "
+        "would place it better there (a small model gives the big card back)."
+    )
     copy_attempts: int = Field(
         3, ge=1, le=20, description="Fetches of a file whose SHA-256 does not match before the model is failed."
+    )
+    wake_timeout_s: float = Field(
+        120.0, gt=0, description="How long a request waits for a sleeping machine sent Wake-on-LAN (the only one "
+        "that can hold its model) to come back; its load time counts after that."
     )
 
 

@@ -28,11 +28,17 @@ from orchestrator.core.store_types import StoreReport, TransferProgress
 from orchestrator.demand import demands_for
 from orchestrator.copy_flow import CopyFlow, transfer_text
 from orchestrator.file_keeper import FileKeeper
-from orchestrator.ray_actors import RayCluster
+from orchestrator.cluster_protocol import Cluster
+from orchestrator.drain import Drain
+from orchestrator.rebalance import Rebalance
+from orchestrator.replica_faults import ReplicaFaults
 from orchestrator.residency import Residency
+from orchestrator.wake import WakeOnLan
 
 log = logging.getLogger(__name__)
 UNLOAD_KINDS = ("unloaded", "evicted", "idle_unload")
+TICK_TIMEOUT_S = 20.0  # a tick that waits longer on Ray counts as failed
+STALE_REPORT_S = 30.0  # a node whose agent has not reported for this long is not placed on
 
 
 @dataclass
@@ -45,6 +51,7 @@ class NodeRecord:
     agent: object = None
     hardware: NodeHardware | None = None
     reported_at: float | None = None
+    heard_at: float | None = None  # when its last report arrived (this process's monotonic clock)
     model_files: dict[str, str] = field(default_factory=dict)  # model -> its configured path, resolved there
     store: StoreReport | None = None
     store_key: str | None = None  # bearer key of the node's file server (handed only to copying peers)
@@ -52,6 +59,8 @@ class NodeRecord:
     requests_served: int = 0
     speed_factor: float | None = None  # measured / predicted decode speed
     measured_ram_bandwidth_gbps: float | None = None  # effective, from a CPU-only replica
+    draining: bool = False  # placement leaves it out (orchestrator/drain.py)
+    mac: str | None = None  # for Wake-on-LAN, as its agent reported it; kept while it sleeps
 
     def hardware_with_measurements(self) -> NodeHardware | None:
         if self.hardware is None or self.measured_ram_bandwidth_gbps is None or self.hardware.ram_bandwidth_gbps:
@@ -89,8 +98,8 @@ class ReplicaRecord:
         return self.state in ("copying", "downloading")
 
 
-class Controller(CopyFlow, Residency):
-    def __init__(self, config: HomefleetConfig, cluster: RayCluster, interval_s: float | None = None) -> None:
+class Controller(CopyFlow, Residency, Drain, ReplicaFaults, Rebalance, WakeOnLan):  # Drain first: its _may_start
+    def __init__(self, config: HomefleetConfig, cluster: Cluster, interval_s: float | None = None) -> None:
         self.config = config
         self.cluster = cluster
         self.interval_s = interval_s or config.cluster.report_interval_s
@@ -108,10 +117,15 @@ class Controller(CopyFlow, Residency):
         self._task: asyncio.Task | None = None
         self._loads: set[asyncio.Task] = set()
         self.ticks = 0
+        self.failed_ticks = 0  # in a row: `up` exits when Ray stays unreachable
         self.files = FileKeeper(config, cluster, self.nodes)
         self.copy_waits: dict[str, str] = {}  # model -> why its copy cannot start yet
         self.config_path: str | None = None  # the file `up` read; `reload` reads it again
         self._init_residency()
+        self._init_faults()
+        self._init_rebalance()
+        self._init_drain()
+        self._init_wake_on_lan()
 
     @property
     def models(self) -> dict[str, ModelConfig]:
@@ -124,10 +138,12 @@ class Controller(CopyFlow, Residency):
     async def _run(self) -> None:
         while True:
             try:
-                await self.tick()
+                await asyncio.wait_for(self.tick(), TICK_TIMEOUT_S)
+                self.failed_ticks = 0
             except asyncio.CancelledError:
                 raise
             except Exception:
+                self.failed_ticks += 1
                 log.exception("controller tick failed")
             await self._sleep_until_woken(self.interval_s)
 
@@ -157,6 +173,9 @@ class Controller(CopyFlow, Residency):
         self._follow_transfers()
         await self._unload_expired()
         await self._finish_unloading()
+        await self._stop_retired()
+        await self._drain_step()
+        self._wake_on_lan_step()
         await self._reconcile()
         # After placing: a replica found dead here is placed again next tick, once the node
         # list says whether its node is still there.
@@ -169,8 +188,13 @@ class Controller(CopyFlow, Residency):
         for node in await asyncio.to_thread(self.cluster.list_nodes):
             seen.add(node.node_id)
             record = self.nodes.get(node.node_id)
+            if record is None and not node.alive:
+                continue  # a dead node we never knew, or the old self of a machine that came back
+            if record is None:
+                record = self._returning(node)
             if record is None:
                 record = self.nodes[node.node_id] = NodeRecord(node.node_id, node.address, node.is_head, node.name)
+                self.node_joined()
             record.alive = node.alive
             if node.alive and record.agent is None:
                 record.agent = self.cluster.start_agent(node.node_id)
@@ -183,6 +207,23 @@ class Controller(CopyFlow, Residency):
                 log.warning("node %s is gone: %s will be placed again", replica.node_name, replica.replica_id)
                 del self.replicas[key]
                 await self._kill(replica.handle)
+
+    def _returning(self, node) -> NodeRecord | None:
+        """A machine back under its name (a laptop waking up gets a new Ray node): its old
+        record, moved to the new node id, so the fleet keeps one record per machine."""
+        if not node.name:
+            return None
+        old = next((r for r in self.nodes.values() if r.name == node.name and not r.alive), None)
+        if old is None:
+            return None
+        del self.nodes[old.node_id]
+        log.info("%s is back (Ray node %s, was %s)", node.name, node.node_id[:12], old.node_id[:12])
+        self.record_event("node_back", "*", node.name, f"{node.name} rejoined from {node.address}")
+        old.node_id, old.address, old.is_head, old.agent = node.node_id, node.address, node.is_head, None
+        old.hardware, old.reported_at, old.heard_at, old.transfers = None, None, None, {}
+        self.nodes[node.node_id] = old
+        self.node_joined()
+        return old
 
     async def _poll_agents(self) -> None:
         paths = {m.name: m.path for m in self.config.models if m.path}
@@ -200,8 +241,10 @@ class Controller(CopyFlow, Residency):
             node.hardware = NodeHardware.model_validate(report["hardware"])
             node.model_files = report["model_files"]
             node.reported_at = report["reported_at"]
+            node.heard_at = time.monotonic()
             node.store = StoreReport.model_validate(report["store"]) if report.get("store") else None
             node.store_key = report.get("store_key")
+            node.mac = report.get("mac") or node.mac
             node.transfers = {t["transfer_id"]: TransferProgress.model_validate(t) for t in report.get("transfers", ())}
 
     async def _poll_replicas(self) -> None:
@@ -222,14 +265,6 @@ class Controller(CopyFlow, Residency):
                 continue
             replica.info = info
             self._calibrate_speed(replica)
-
-    async def replica_died(self, replica: ReplicaRecord, reason: str) -> None:
-        """A replica's process is gone (crash, OOM kill): forget it so placement starts another."""
-        key = (replica.model, replica.index)
-        if self.replicas.get(key) is replica:
-            log.warning("%s on %s: %s; placing it again", replica.replica_id, replica.node_name, reason)
-            del self.replicas[key]
-            await self._kill(replica.handle)
 
     def _calibrate_speed(self, replica: ReplicaRecord) -> None:
         """A node's decode speed as its replicas measure it, against the bandwidth prediction."""
@@ -321,12 +356,24 @@ class Controller(CopyFlow, Residency):
 
     # ---- decide and act ----------------------------------------------------------------
     def _snapshots(self) -> list[NodeSnapshot]:
-        out = []
+        """The nodes placement may use: alive, with a recent report, one per name (a second
+        live node under a name in use is left out, with a warning, until the first leaves)."""
+        out, names = [], set()
+        stale_after = max(STALE_REPORT_S, 10 * self.interval_s)
+        now = time.monotonic()
         for node in self.nodes.values():
-            if node.alive and node.hardware is not None and node.name:
-                held = {model for model in self.files.files if node.name in self.files.holders(model)}
-                disk_free = node.store.disk_free_bytes if node.store is not None else None
-                out.append(snapshot_from_hardware(node.hardware, held, disk_free))
+            if not (node.alive and node.hardware is not None and node.name) or node.draining:
+                continue
+            if node.heard_at is None or now - node.heard_at > stale_after:
+                continue  # its agent has not answered for a while: do not place on old figures
+            if node.hardware.name in names:
+                log.warning("two live nodes are named %s; %s (%s) is left out", node.hardware.name,
+                            node.node_id[:12], node.address)
+                continue
+            names.add(node.hardware.name)
+            held = {model for model in self.files.files if node.name in self.files.holders(model)}
+            disk_free = node.store.disk_free_bytes if node.store is not None else None
+            out.append(snapshot_from_hardware(node.hardware, held, disk_free))
         return out
 
     def _demands(self, model: ModelConfig) -> list:
@@ -366,7 +413,8 @@ class Controller(CopyFlow, Residency):
         self.waiting_for = []
         wanted = [m for m in self.config.models if m.name in self.shapes and m.name in self.wanted]
         demands = [d for m in wanted for d in self._demands(m)]
-        demands = [d for d in demands if (d.model, d.replica) not in self.failed_keys]
+        self._forgive_failures()
+        demands = [d for d in demands if self._may_start((d.model, d.replica))]
         current = [r.assignment for r in self.replicas.values()]
         result = place(self._ledger_snapshots(), demands, current=current)
         self.unplaced = {}
@@ -390,6 +438,7 @@ class Controller(CopyFlow, Residency):
                     chosen[key] = plan.assignment
             for assignment in chosen.values():
                 self._start(assignment)
+        self._rebalance(demands)
         for name in list(self.cannot_place):
             if name not in self.wanted or name not in self.unplaced:
                 self.cannot_place.pop(name, None)
@@ -411,6 +460,15 @@ class Controller(CopyFlow, Residency):
 
     def _start_replica(self, model: ModelConfig, assignment: Assignment, node: NodeRecord, path: str,
                        transfer: TransferProgress | None = None) -> None:
+        record = self._new_replica(model, assignment, node, path, transfer)
+        self.replicas[(model.name, assignment.replica)] = record
+        log.info("starting %s on %s (%s, %d/%d layers on GPU)", record.replica_id, record.node_name,
+                 assignment.kind, assignment.gpu_layers, assignment.n_layers)
+        self._spawn(self._load(record))
+
+    def _new_replica(self, model: ModelConfig, assignment: Assignment, node: NodeRecord, path: str,
+                     transfer: TransferProgress | None = None) -> ReplicaRecord:
+        """A replica process started on `node` (not yet loading, not yet in the table)."""
         settings = {
             "model_name": model.name,
             "path": path,
@@ -434,10 +492,7 @@ class Controller(CopyFlow, Residency):
             transfer=transfer,
         )
         record.handle = self.cluster.start_replica(node.node_id, record.replica_id, settings)
-        self.replicas[(model.name, assignment.replica)] = record
-        log.info("starting %s on %s (%s, %d/%d layers on GPU)", record.replica_id, record.node_name,
-                 assignment.kind, assignment.gpu_layers, assignment.n_layers)
-        self._spawn(self._load(record))
+        return record
 
     def _spawn(self, coroutine) -> None:
         task = asyncio.create_task(coroutine)
@@ -447,7 +502,14 @@ class Controller(CopyFlow, Residency):
     async def _load(self, record: ReplicaRecord) -> None:
         key = (record.model, record.index)
         try:
-            info = await self.cluster.load(record.handle)
+            info = await self.cluster.load(record.handle, self.config.gateway.load_timeout_s)
+        except asyncio.TimeoutError:
+            if self.replicas.get(key) is not record:
+                return
+            del self.replicas[key]
+            await self._kill(record.handle)
+            self._crashed(record, f"the load did not finish within {self.config.gateway.load_timeout_s:g} s")
+            return
         except Exception as exc:
             if self.replicas.get(key) is not record:
                 return  # its node left while it loaded; a new replica has taken its place
@@ -456,7 +518,10 @@ class Controller(CopyFlow, Residency):
                             record.node_name, type(exc).__name__)
                 del self.replicas[key]
                 return
-            info = {"state": "failed", "reason": f"replica process died while loading: {type(exc).__name__}"}
+            del self.replicas[key]
+            await self._kill(record.handle)
+            self._crashed(record, f"replica process died while loading: {type(exc).__name__}")
+            return
         if self.replicas.get(key) is not record:
             return
         record.info = info
@@ -473,7 +538,7 @@ class Controller(CopyFlow, Residency):
             # Stays failed with its reason; the other models keep serving.
             log.warning("%s failed: %s", record.replica_id, record.reason)
             self.replicas.pop(key, None)
-            self.failed_keys[key] = record
+            self._load_failed(key, record)
             await self._kill(record.handle)
 
     # ---- read by the router and the views ----------------------------------------------
@@ -494,6 +559,9 @@ class Controller(CopyFlow, Residency):
             return fetching[0].state, transfer_text(fetching[0])
         if failed:
             return "failed", failed[0].reason
+        held = self._hold_reason(name)
+        if held is not None:
+            return "pending", held
         if any(r.state == "unloading" for r in replicas):
             return "unloading", next(r.reason for r in replicas if r.state == "unloading")
         if name not in self.wanted and name not in self.model_problems:

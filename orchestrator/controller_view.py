@@ -24,11 +24,12 @@ def cluster_view(controller: Controller) -> ClusterView:
                 name=node.name or node.node_id,
                 address=node.address,
                 ray_node_id=node.node_id,
-                state="alive" if node.alive else "gone",
+                state=("draining" if node.draining else "alive") if node.alive else "gone",
                 is_head=node.is_head,
                 hardware=node.hardware_with_measurements(),
                 reported_at=node.reported_at,
                 speed_factor=node.speed_factor,
+                wake_mac=node.mac,
                 model_files=sorted(m for m in controller.files.files if node.name in controller.files.holders(m)),
                 requests_served=node.requests_served,
                 store=node.store,
@@ -37,7 +38,7 @@ def cluster_view(controller: Controller) -> ClusterView:
         )
     models = []
     for model in controller.config.models:
-        state, reason = controller.model_state(model.name)
+        state, reason = controller.waking_state(model.name) or controller.model_state(model.name)
         replicas = [_replica_view(r) for r in controller.replicas.values() if r.model == model.name]
         replicas += [_replica_view(r) for (m, _), r in controller.failed_keys.items() if m == model.name]
         for index in range(model.replicas):
@@ -45,8 +46,8 @@ def cluster_view(controller: Controller) -> ClusterView:
                 replicas.append(
                     ReplicaView(
                         replica_id=f"{model.name}#{index}",
-                        state=state if state in ("pending", "failed", "not_loaded") else "pending",
-                        reason=(reason if state in ("pending", "failed", "not_loaded") else None)
+                        state=state if state in ("pending", "waking", "failed", "not_loaded") else "pending",
+                        reason=(reason if state in ("pending", "waking", "failed", "not_loaded") else None)
                         or controller.unplaced_reason(model.name) or "waiting for a node with room",
                     )
                 )

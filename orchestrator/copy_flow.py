@@ -82,7 +82,7 @@ class CopyFlow:
             record.reason = f"copying {progress.name} to {record.node_name} failed: {progress.error}"
             log.warning("%s: %s", record.replica_id, record.reason)
             self.replicas.pop(key, None)
-            self.failed_keys[key] = record
+            self._load_failed(key, record)  # tried again after a cool-down, or when the nodes change
         elif progress.state == "cancelled":
             self.replicas.pop(key, None)
         else:

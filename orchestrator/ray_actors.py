@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from orchestrator.drain_channel import NAMESPACE, REQUEST_PREFIX, DrainRequest, answer_key, encode_answer, request_key
 from orchestrator.ray_cluster import NODE_NAME_LABEL
 from worker.agent import agent_actor_class
 from worker.replica import replica_actor_class
@@ -82,8 +83,28 @@ class RayCluster:
     async def info(self, handle, timeout_s: float) -> dict:
         return await asyncio.wait_for(_awaitable(handle.info.remote()), timeout_s)
 
-    async def load(self, handle) -> dict:
-        return await _awaitable(handle.load.remote())
+    async def load(self, handle, timeout_s: float) -> dict:
+        return await asyncio.wait_for(_awaitable(handle.load.remote()), timeout_s)
+
+    # ---- drain requests from `homefleet join`, through the GCS's KV (orchestrator/drain_channel.py)
+    @staticmethod
+    def drain_requests() -> list[DrainRequest]:
+        from ray.experimental import internal_kv
+
+        out = []
+        for key in internal_kv._internal_kv_list(REQUEST_PREFIX, namespace=NAMESPACE):
+            request = DrainRequest.decode(key, internal_kv._internal_kv_get(key, namespace=NAMESPACE))
+            if request is not None:
+                out.append(request)
+        return out
+
+    @staticmethod
+    def answer_drain(request: DrainRequest, answer: dict) -> None:
+        from ray.experimental import internal_kv
+
+        internal_kv._internal_kv_put(answer_key(request.node), encode_answer(request.request_id, answer),
+                                     overwrite=True, namespace=NAMESPACE)
+        internal_kv._internal_kv_del(request_key(request.node), namespace=NAMESPACE)
 
     @staticmethod
     def is_node_gone_error(exc: BaseException) -> bool:
@@ -93,7 +114,10 @@ class RayCluster:
 
     @staticmethod
     def is_dead_actor_error(exc: BaseException) -> bool:
-        return isinstance(exc, ray.exceptions.RayActorError)
+        """The actor's process is gone; not Ray's "temporarily unavailable" (a network blip),
+        after which the same actor answers again."""
+        return (isinstance(exc, ray.exceptions.RayActorError)
+                and not isinstance(exc, ray.exceptions.ActorUnavailableError))
 
     @staticmethod
     def kill(handle) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import signal
 import socket
 import subprocess
@@ -18,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 NODE_NAME_LABEL = "homefleet-node"
-TOKEN_FILE = Path("~/.config/homefleet/ray_token")
 
 
 # A home node that vanishes (laptop lid shut, Wi-Fi gone) is declared dead after about
@@ -32,21 +30,6 @@ HEALTH_CHECK_DEFAULTS = {
 
 def health_check_env() -> dict[str, str]:
     return {key: os.environ.get(key, default) for key, default in HEALTH_CHECK_DEFAULTS.items()}
-
-
-def load_or_create_token(token_file: Path = TOKEN_FILE) -> str:
-    """The cluster's Ray token: $RAY_AUTH_TOKEN, else the one kept in ~/.config/homefleet."""
-    token = os.environ.get("RAY_AUTH_TOKEN")
-    if token:
-        return token
-    path = token_file.expanduser()
-    if path.is_file():
-        return path.read_text().strip()
-    token = secrets.token_hex(32)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.touch(mode=0o600)
-    path.write_text(token + "\n")
-    return token
 
 
 def auth_environment(token: str) -> dict[str, str]:

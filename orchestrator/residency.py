@@ -117,7 +117,7 @@ class Residency:
         model = self.models.get(name)
         if model is None or model.replicas == 0:
             return False
-        return model.load == "on_demand" or name not in self.wanted
+        return model.load == "on_demand" or name not in self.wanted or self.could_wake_for(name)
 
     def request_load(self, name: str) -> None:
         if name not in self.wanted:
@@ -137,7 +137,8 @@ class Residency:
         deadline = time.monotonic() + timeout_s
         try:
             while not self.ready_replicas(name):
-                problem = self._load_problem(name)
+                deadline, waking = self._hold_while_waking(name, deadline, timeout_s)  # orchestrator/wake.py
+                problem = None if waking else self._load_problem(name)
                 if problem is not None:
                     raise problem
                 if time.monotonic() > deadline:
@@ -183,7 +184,7 @@ class Residency:
             if r.state == "loading":
                 progress = r.info.get("load_progress")
                 return "loading", int(100 * progress) if progress is not None else None, f"on {r.node_name}"
-        state, reason = self.model_state(name)
+        state, reason = self.waking_state(name) or self.model_state(name)
         return state, None, reason
 
     # ---- the admin surface ----------------------------------------------------------------
@@ -364,7 +365,7 @@ class Residency:
         """The nodes as placement sees them: measured free figures less what our replicas hold."""
         held_ram: dict[str, int] = {}
         held_vram: dict[tuple[str, int], int] = {}
-        for r in self.replicas.values():
+        for r in [*self.replicas.values(), *self.moves.values(), *self.retiring]:
             vram, ram = self._held_by(r)
             a = r.assignment
             held_ram[a.node] = held_ram.get(a.node, 0) + ram

@@ -32,12 +32,14 @@ _STYLE_CODES = {
 }
 STATE_STYLES = {
     "alive": "green",
+    "draining": "yellow",
     "gone": "red",
     "ready": "green",
     "loading": "cyan",
     "copying": "cyan",
     "downloading": "cyan",
     "pending": "yellow",
+    "waking": "cyan",
     "failed": "red",
     "stopped": "dim",
     "not_loaded": "dim",
@@ -48,7 +50,8 @@ FETCHING_STATES = ("copying", "downloading")
 # Model names a node lists: replicas in these states live (or are about to) on it.
 HELD_STATES = ("ready", "loading", *FETCHING_STATES, "pending")
 # Order of the state counts after the MODELS title.
-MODEL_STATE_ORDER = ("ready", "loading", *FETCHING_STATES, "unloading", "not_loaded", "pending", "failed", "stopped")
+MODEL_STATE_ORDER = ("ready", "waking", "loading", *FETCHING_STATES, "unloading", "not_loaded", "pending", "failed",
+                     "stopped")
 # Prefixes dropped from GPU marketing names: "NVIDIA GeForce RTX 4070 Ti" -> "RTX 4070 Ti".
 GPU_NAME_PREFIXES = ("NVIDIA ", "GeForce ")
 
@@ -63,7 +66,7 @@ def render_status(view: ClusterView, color: bool = False, width: int = DEFAULT_W
 
 
 def _nodes_section(view: ClusterView, painter: _Painter) -> str:
-    title = painter("bold", "NODES") + _counts_suffix(Counter(n.state for n in view.nodes), ("alive", "gone"))
+    title = painter("bold", "NODES") + _counts_suffix(Counter(n.state for n in view.nodes), ("alive", "draining", "gone"))
     if not view.nodes:
         return title + "\n" + painter("dim", "no node has joined yet: run `homefleet join HEAD:6379` on each machine")
     table = _Table(["NAME", "ADDRESS", "STATE", "CPU", "RAM", "GPU", "DISK FREE", "MODELS"])
@@ -221,14 +224,14 @@ def _age_text(seconds: float) -> str:
 
 def _cpu_text(node: NodeView) -> str:
     hw = node.hardware
-    busy = _pct_text(hw.cpu_utilization_pct) if node.state == "alive" else None
+    busy = _pct_text(hw.cpu_utilization_pct) if node.state != "gone" else None
     return f"{hw.cpu_cores} cores" + (f" {busy}" if busy else "")
 
 
 def _ram_text(node: NodeView) -> str:
     hw = node.hardware
     used = None
-    if node.state == "alive" and hw.ram_available_bytes is not None:
+    if node.state != "gone" and hw.ram_available_bytes is not None:
         used = int(hw.ram_total_bytes) - int(hw.ram_available_bytes)
     return _used_of_total(used, int(hw.ram_total_bytes))
 
@@ -236,7 +239,7 @@ def _ram_text(node: NodeView) -> str:
 def _gpu_lines(node: NodeView) -> list[str]:
     if not node.hardware.gpus:
         return ["none"]
-    return [_gpu_text(gpu, live=node.state == "alive") for gpu in node.hardware.gpus]
+    return [_gpu_text(gpu, live=node.state != "gone") for gpu in node.hardware.gpus]
 
 
 def _gpu_text(gpu: GpuInfo, live: bool) -> str:
@@ -249,7 +252,7 @@ def _gpu_text(gpu: GpuInfo, live: bool) -> str:
 def _disk_text(node: NodeView) -> str:
     """Free disk of the node's model store, as last reported; '-' when unknown or the node is gone."""
     store = node.store
-    if node.state != "alive" or store is None or store.disk_free_bytes is None:
+    if node.state == "gone" or store is None or store.disk_free_bytes is None:
         return "-"
     return format_bytes(store.disk_free_bytes)
 

@@ -44,6 +44,7 @@ def write_gguf(
     seed: int = 0,
     name: str | None = None,
     sparse: bool = False,
+    extra_metadata: dict[str, int] | None = None,
 ) -> Path:
     """Write a `arch`-shaped GGUF with random weights at `path` and return the path.
 
@@ -52,6 +53,8 @@ def write_gguf(
     "f16" or "f32" for the 2-D weights. sparse=True declares the tensors but leaves their
     data as file holes (zeros, no disk use, instant): full-size shapes of real models for
     header and dry-run tests; weight_dtype may then be any ggml type name ("q4_k", "q8_0").
+    extra_metadata adds `{arch}.{key}` uint32 fields (e.g. {"expert_count": 0, "expert_used_count": 1},
+    a header llama.cpp aborts on while loading: GGML_ASSERT, the process dies).
     """
     import gguf
 
@@ -96,6 +99,8 @@ def write_gguf(
         w.add_value_length(head_dim)
     if arch == "gemma3":
         w.add_sliding_window(sliding_window)
+    for key, value in (extra_metadata or {}).items():
+        w.add_uint32(f"{arch}.{key}", value)
     _add_tokenizer(w, n_vocab)
 
     q_dim, kv_dim = n_head * head_dim, n_head_kv * head_dim

@@ -38,6 +38,15 @@ def homefleet_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "orchestrator.cli", *args]
 
 
+def joining_token_file(folder: Path) -> Path:
+    """The test token in a 0600 file, for `homefleet join --token-file` (never on a command line)."""
+    path = folder / "test_ray_token"
+    if not path.exists():
+        path.touch(mode=0o600)
+        path.write_text(TEST_RAY_TOKEN + "\n")
+    return path
+
+
 def write_config(path: Path, models: list[dict], **sections) -> Path:
     path.write_text(yaml.safe_dump({"models": models, **sections}))
     return path
@@ -115,10 +124,14 @@ class RunningUp:
 
 @contextmanager
 def homefleet_up(tmp_path: Path, *args: str, env: dict | None = None, wait_http: bool = True):
+    """`homefleet up` as a child process. Its token file is kept in tmp_path (`--token-file`
+    among `args` names another), never in the user's own ~/.config/homefleet."""
     port, ray_port = free_port(), free_port()
     log_path = tmp_path / f"up-{port}.log"
+    token_file = [] if "--token-file" in args else ["--token-file", str(tmp_path / "ray_token")]
     command = homefleet_command(
-        "up", "--port", str(port), "--ray-port", str(ray_port), "--node-ip-address", LOOPBACK_NODE_IP, *args
+        "up", "--port", str(port), "--ray-port", str(ray_port), "--node-ip-address", LOOPBACK_NODE_IP,
+        *token_file, *args
     )
     with open(log_path, "wb") as log:
         popen = subprocess.Popen(command, env=env or child_env(), stdout=log, stderr=subprocess.STDOUT)
@@ -146,10 +159,11 @@ def _wait_http(running: RunningUp, timeout_s: float) -> None:
 
 @contextmanager
 def homefleet_join(tmp_path: Path, head_address: str, name: str, node_ip: str, *args: str, env: dict | None = None):
-    """`homefleet join` as a child process; stopped (Ctrl-C, then by PID) on exit."""
+    """`homefleet join --token-file` as a child process; stopped (Ctrl-C, then by PID) on exit."""
     log_path = tmp_path / f"join-{name}.log"
     command = homefleet_command(
-        "join", head_address, "--token", TEST_RAY_TOKEN, "--name", name, "--node-ip-address", node_ip, *args
+        "join", head_address, "--token-file", str(joining_token_file(tmp_path)), "--name", name,
+        "--node-ip-address", node_ip, *args
     )
     with open(log_path, "wb") as log:
         popen = subprocess.Popen(command, env=env or child_env(), stdout=log, stderr=subprocess.STDOUT)

@@ -25,6 +25,7 @@ from orchestrator.core.hardware import NodeHardware
 from orchestrator.core.model_source import is_store_name
 from orchestrator.core.store_types import TransferProgress
 from worker.file_server import FileServer
+from worker.mac_address import mac_of_address
 from worker.paths import resolve_path
 from worker.probe import NvmlSession, overlay_live_use, probe
 from worker.store import ModelStore, StoreError, default_models_dir
@@ -36,11 +37,13 @@ ENV_NODE_NAME = "HOMEFLEET_NODE_NAME"
 ENV_HARDWARE_JSON = "HOMEFLEET_HARDWARE_JSON"
 ENV_MODELS_DIR = "HOMEFLEET_MODELS_DIR"
 ENV_STORE_PORT = "HOMEFLEET_STORE_PORT"
+ENV_WAKE_MAC = "HOMEFLEET_WAKE_MAC"
 FINISHED_TRANSFERS_KEPT = 32
 
 
 def node_environment(
-    name: str | None, hardware: NodeHardware | None, models_dir: str | None, store_port: int | None = None
+    name: str | None, hardware: NodeHardware | None, models_dir: str | None, store_port: int | None = None,
+    wake_mac: str | None = None,
 ) -> dict[str, str]:
     """Environment for a raylet so that its agent knows what node it is."""
     env = {}
@@ -52,6 +55,8 @@ def node_environment(
         env[ENV_MODELS_DIR] = str(Path(models_dir).expanduser().resolve())
     if store_port:
         env[ENV_STORE_PORT] = str(store_port)
+    if wake_mac:
+        env[ENV_WAKE_MAC] = wake_mac
     return env
 
 
@@ -68,6 +73,7 @@ class NodeAgentImpl:
         self.nvml = NvmlSession()
         self.node_id = ray.get_runtime_context().get_node_id()
         self.address = ray.util.get_node_ip_address()
+        self.mac = os.environ.get(ENV_WAKE_MAC) or mac_of_address(self.address)  # for Wake-on-LAN
         declared_disk = self.declared.disk_free_bytes if self.declared else None
         self.store = ModelStore(self.models_dir, None if declared_disk is None else int(declared_disk))
         # Peers fetch files with this key, which only the head (over Ray's authenticated channel) hands out.
@@ -101,6 +107,7 @@ class NodeAgentImpl:
             "model_files": configured,
             "store": store.model_dump(mode="json"),
             "store_key": self.store_key,
+            "mac": self.mac,
             "transfers": [p.model_dump(mode="json") for p in self.transfers()],
             "reported_at": time.time(),
         }

@@ -1,5 +1,6 @@
-"""`homefleet load NAME`, `homefleet unload NAME`, `homefleet reload`: change what a running
-fleet serves without restarting it, through the gateway's admin API.
+"""`homefleet load NAME`, `homefleet unload NAME`, `homefleet reload`, `homefleet drain NODE`,
+`homefleet undrain NODE`: change what a running fleet serves, and where, without restarting
+it, through the gateway's admin API.
 
 Off the head's loopback these need the admin key: --admin-key, else $HOMEFLEET_ADMIN_KEY.
 """
@@ -15,11 +16,13 @@ import httpx
 
 from orchestrator.commands.gateway_client import ADMIN_KEY_HINT, GatewayError, admin_key, call, gateway_url
 from orchestrator.config_reload import describe_reload
+from orchestrator.drain_channel import describe_drain
 
 # A load may copy a file of tens of GB first; an unload waits for the model's requests to finish.
 LOAD_WAIT_S = 3600.0
 QUICK_S = 60.0
 UNLOAD_S = 900.0
+DRAIN_MARGIN_S = 60.0  # beyond the drain's own timeout: the answer comes when it ends
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -50,6 +53,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     _gateway_flags(p)
     p.set_defaults(func=run_reload)
+
+    p = subparsers.add_parser(
+        "drain", help="move a node's models elsewhere and stop sending it work (before it sleeps or leaves)",
+        description="No new work goes to node NODE: its models are started on other nodes first where they fit "
+        "(make-before-break), its requests in flight finish (up to --timeout), then what is left there stops. "
+        "The node stays drained until `homefleet undrain NODE` or until it joins again.",
+    )
+    p.add_argument("node", metavar="NODE", help="the node's name, as `homefleet status` shows it")
+    p.add_argument("--timeout", type=float, default=60.0, metavar="S",
+                   help="longest wait for its requests and moves, in seconds (default 60)")
+    _gateway_flags(p)
+    p.set_defaults(func=run_drain)
+
+    p = subparsers.add_parser(
+        "undrain", help="let a drained node take work again",
+        description="Placement may use node NODE again (after `homefleet drain NODE`).",
+    )
+    p.add_argument("node", metavar="NODE", help="the node's name")
+    _gateway_flags(p)
+    p.set_defaults(func=run_undrain)
 
 
 def _gateway_flags(p: argparse.ArgumentParser) -> None:
@@ -106,4 +129,26 @@ def run_reload(args: argparse.Namespace, transport: httpx.BaseTransport | None =
         print(f"homefleet reload: {exc}", file=sys.stderr)
         return 1
     print(describe_reload(answer))
+    return 0
+
+
+def run_drain(args: argparse.Namespace, transport: httpx.BaseTransport | None = None) -> int:
+    try:
+        answer = _admin_call(args, f"/api/nodes/{quote(args.node, safe='')}/drain", {"timeout_s": args.timeout},
+                             args.timeout + DRAIN_MARGIN_S, transport)
+    except GatewayError as exc:
+        print(f"homefleet drain: {exc}", file=sys.stderr)
+        return 1
+    print(describe_drain(answer))
+    return 0 if answer.get("state") in ("drained", "left") else 1
+
+
+def run_undrain(args: argparse.Namespace, transport: httpx.BaseTransport | None = None) -> int:
+    try:
+        answer = _admin_call(args, f"/api/nodes/{quote(args.node, safe='')}/undrain", None, QUICK_S, transport)
+    except GatewayError as exc:
+        print(f"homefleet undrain: {exc}", file=sys.stderr)
+        return 1
+    node = answer.get("node", args.node)
+    print(f"{node} takes work again" if answer.get("was_draining") else f"{node} was not draining")
     return 0

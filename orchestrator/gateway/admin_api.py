@@ -1,5 +1,6 @@
-"""The admin surface: `POST /api/models/{name}/load`, `POST /api/models/{name}/unload` and
-`POST /api/reload` (re-read the config file). `homefleet load`, `unload` and `reload` speak it.
+"""The admin surface: `POST /api/models/{name}/load`, `POST /api/models/{name}/unload`,
+`POST /api/reload` (re-read the config file) and `POST /api/nodes/{name}/drain` / `undrain`.
+`homefleet load`, `unload`, `reload`, `drain` and `undrain` speak it.
 
 Off loopback these need the admin key (gateway/api_key.py, which also documents their 401
 and 403 in the OpenAPI document); errors are OpenAI-shaped.
@@ -48,6 +49,43 @@ class ReloadAnswer(BaseModel):
         "they keep their old values until the next `homefleet up`.")
 
 
+class DrainOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    timeout_s: float = Field(60.0, ge=0, le=3600, description="How long the node's requests may take to finish "
+                             "(and its models to start elsewhere); then what is left there stops.")
+
+
+class MovedReplica(BaseModel):
+    replica: str
+    model: str
+    to: str = Field(..., description="The node it runs on now.")
+    kind: str = Field(..., description="gpu, split or cpu there.")
+
+
+class StoppedReplica(BaseModel):
+    replica: str
+    model: str
+    reason: str = Field(..., description="Why it was not moved (no other node has room, ...).")
+
+
+class DrainAnswer(BaseModel):
+    node: str
+    state: str = Field(..., description="drained; left (the node went away meanwhile); undrained (undrain "
+                       "came first).")
+    moved: list[MovedReplica] = Field(default_factory=list)
+    stopped: list[StoppedReplica] = Field(default_factory=list)
+    cut_requests: int = Field(0, description="Requests still running at the timeout, cut.")
+    timed_out: bool = False
+    seconds: float
+
+
+class UndrainAnswer(BaseModel):
+    node: str
+    draining: bool
+    was_draining: bool
+
+
 def admin_routes(controller: Controller, reloader: ConfigReloader) -> APIRouter:
     api = APIRouter(tags=["admin"])
 
@@ -60,6 +98,17 @@ def admin_routes(controller: Controller, reloader: ConfigReloader) -> APIRouter:
     async def unload(name: str):
         """Unload a model's replicas once their requests finish; it loads again on demand or by `load`."""
         return await controller.unload_model(name)
+
+    @api.post("/api/nodes/{name}/drain", responses={200: {"model": DrainAnswer}, **error_responses(404, 409)})
+    async def drain(name: str, body: DrainOptions | None = None):
+        """No new work for the node; its models start elsewhere first where they fit (make-before-break),
+        its requests finish (up to `timeout_s`), then what is left there stops. Answers when done."""
+        return await controller.drain_node(name, body.timeout_s if body is not None else 60.0)
+
+    @api.post("/api/nodes/{name}/undrain", responses={200: {"model": UndrainAnswer}, **error_responses(404)})
+    async def undrain(name: str):
+        """Let placement use a drained node again."""
+        return await controller.undrain_node(name)
 
     @api.post("/api/reload", responses={200: {"model": ReloadAnswer}, **error_responses(400)})
     async def reload():

@@ -9,11 +9,13 @@ The controller offers the gateway: `models`, `ready_replicas(model)`, `model_sta
 `retry_after_s(model)`, `nodes`, `view()`, `cluster.is_dead_actor_error(exc)`,
 `replica_died(replica, reason)` and `files` (tests/unit/test_gateway_fakes.py builds a fake one);
 for the admin API `load_model(name, wait)`, `unload_model(name)`, `reload_config(config)`, `config`
-and `config_path` (tests/unit/test_admin_api.py).
+and `config_path` (tests/unit/test_admin_api.py), `drain_node(name, timeout_s)` and
+`undrain_node(name)` (tests/unit/test_drain.py).
 """
 
 from __future__ import annotations
 
+import socket
 import time
 from typing import TYPE_CHECKING
 
@@ -24,6 +26,7 @@ from orchestrator.config import HomefleetConfig
 from orchestrator.config_reload import ConfigReloader
 from orchestrator.gateway.admin_api import admin_routes
 from orchestrator.gateway.api_key import ApiKeyOffLoopback
+from orchestrator.gateway.client_address import local_names, parse_networks
 from orchestrator.gateway.cluster_api import cluster_routes
 from orchestrator.gateway.errors import install_error_handlers
 from orchestrator.gateway.files_api import install_files_api
@@ -55,7 +58,9 @@ def create_app(controller: Controller, config: HomefleetConfig, api_key: str | N
     install_openapi(app)
     # Outermost last: CORS (a browser reads even a 401), then the key, then the body.
     app.add_middleware(RequestBody, max_body_bytes=gateway.max_body_bytes)
-    app.add_middleware(ApiKeyOffLoopback, api_key=api_key or gateway.api_key, admin_key=admin_key or gateway.admin_key)
+    app.add_middleware(ApiKeyOffLoopback, api_key=api_key or gateway.api_key, admin_key=admin_key or gateway.admin_key,
+                       trusted_proxies=parse_networks(gateway.trusted_proxies),
+                       local_names=local_names(gateway.host, socket.gethostname()), cors_origins=gateway.cors_origins)
     if gateway.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=gateway.cors_origins, allow_methods=["*"],
                            allow_headers=["*"], expose_headers=EXPOSED_HEADERS)

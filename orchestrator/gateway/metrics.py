@@ -16,8 +16,8 @@ def _labels(**values: object) -> str:
 def render_metrics(view: ClusterView) -> str:
     lines: list[str] = []
     # A machine that left and joined again has an old "gone" record: one series per name.
-    alive = {n.name for n in view.nodes if n.state == "alive"}
-    view = view.model_copy(update={"nodes": [n for n in view.nodes if n.state == "alive" or n.name not in alive]})
+    alive = {n.name for n in view.nodes if n.state != "gone"}
+    view = view.model_copy(update={"nodes": [n for n in view.nodes if n.state != "gone" or n.name not in alive]})
 
     def metric(name: str, kind: str, help_text: str, samples: list[tuple[dict, float]]) -> None:
         lines.append(f"# HELP {name} {help_text}")
@@ -25,7 +25,7 @@ def render_metrics(view: ClusterView) -> str:
         lines.extend(f"{name}{_labels(**labels)} {value}" for labels, value in samples)
 
     metric("homefleet_node_up", "gauge", "1 while the node is alive.",
-           [({"node": n.name}, 1 if n.state == "alive" else 0) for n in view.nodes])
+           [({"node": n.name}, 0 if n.state == "gone" else 1) for n in view.nodes])
     metric("homefleet_node_ram_available_bytes", "gauge", "RAM available on the node.",
            [({"node": n.name}, n.hardware.ram_available) for n in view.nodes])
     metric("homefleet_gpu_vram_free_bytes", "gauge", "Free VRAM per GPU.",

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from fastapi import APIRouter, Request
 
 from orchestrator.gateway.openapi import answer_or_events, error_responses
-from orchestrator.gateway.relay import Relay
+from orchestrator.gateway.relay import Relay, ReplicaLost
 from orchestrator.gateway.responses import ChatCompletion, Completion, EmbeddingList, ModelCard, ModelList
 from orchestrator.gateway.router import Router
 from orchestrator.gateway.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
@@ -36,10 +36,16 @@ def openai_routes(controller: Controller, router: Router, relay: Relay, created:
             if stream is not None:
                 return relay.stream_after_load(model, stream)
             await controller.wait_until_ready(model, router.load_timeout_s, gone=request.is_disconnected)
-        replica = router.acquire(model)
-        if stream is not None:
-            return await relay.stream(replica, lambda rid: stream(replica, rid))
-        return await relay.whole(replica, lambda rid: whole(replica, rid), request, shape)
+        for attempt in range(2):
+            replica = router.acquire(model)
+            try:
+                if stream is not None:
+                    return await relay.stream(replica, lambda rid: stream(replica, rid), request)
+                return await relay.whole(replica, lambda rid: whole(replica, rid), request, shape)
+            except ReplicaLost:
+                # It died before sending anything: another replica may answer, once.
+                if attempt or not controller.ready_replicas(model):
+                    raise
 
     @api.post("/chat/completions", responses={**answer_or_events(ChatCompletion, CHAT_EVENTS),
                                                **error_responses(*MODEL_ERRORS)})

@@ -27,6 +27,14 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 DISCONNECT_POLL_S = 0.5  # how often a non-streamed request checks that its client is still there
 LOADING_COMMENT_S = 2.0  # while a streamed request waits for its model to load: a comment line this often
+# Longest wait for a replica's answer, or for the next item of a stream: the replica ends any
+# generation at its limit (generation_limit_s, 600 s), so past this the replica is stuck.
+ANSWER_TIMEOUT_S = 660.0
+
+
+class ReplicaLost(RequestError):
+    """The replica's process died before it sent anything for this request: another replica
+    may take it (no byte has reached the client)."""
 
 
 def node_headers(replica: ReplicaRecord) -> dict[str, str]:
@@ -74,6 +82,11 @@ async def _awaited(ref):
     return await ref
 
 
+async def _next_item(generator):
+    """The next item of a replica's stream (StopAsyncIteration at its end)."""
+    return await (await generator.__anext__())
+
+
 class Relay:
     def __init__(self, controller: Controller, router: Router, disconnect_poll_s: float = DISCONNECT_POLL_S) -> None:
         self.controller = controller
@@ -83,9 +96,13 @@ class Relay:
     async def failed(self, replica: ReplicaRecord, exc: Exception) -> RequestError:
         """The replica broke under a request: log the detail, tell the client briefly."""
         log.warning("request to %s on %s failed", replica.replica_id, replica.node_name, exc_info=exc)
-        if self.controller.cluster.is_dead_actor_error(exc):
+        lost = self.controller.cluster.is_dead_actor_error(exc)
+        if lost:
             await self.controller.replica_died(replica, f"replica process died: {type(exc).__name__}")
-        return RequestError(
+        if isinstance(exc, asyncio.TimeoutError):
+            return RequestError(f"replica {replica.replica_id} on {replica.node_name} did not answer within "
+                                f"{ANSWER_TIMEOUT_S:.0f} s", status=504, type="server_error", code="timeout")
+        return (ReplicaLost if lost else RequestError)(
             f"replica {replica.replica_id} on {replica.node_name} failed ({type(exc).__name__}); retry shortly",
             status=502,
             type="server_error",
@@ -97,7 +114,7 @@ class Relay:
         cancels it at its next token."""
         flight = Flight(self.router, replica, uuid.uuid4().hex)
         try:
-            result = await self._wait(replica, start(flight.request_id), request, flight.request_id)
+            result = await self._wait(replica, _awaited(start(flight.request_id)), request, flight.request_id)
         except Exception as exc:
             flight.end(served=False)
             raise await self.failed(replica, exc) from None
@@ -110,10 +127,16 @@ class Relay:
         flight.end(served=True)
         return JSONResponse(shape(result) if shape else result, headers=node_headers(replica))
 
-    async def _wait(self, replica: ReplicaRecord, ref, request: Request, request_id: str) -> dict:
-        pending = asyncio.ensure_future(_awaited(ref))
+    async def _wait(self, replica: ReplicaRecord, answer, request: Request, request_id: str):
+        """`answer` (a coroutine), cancelling it on the replica when the client leaves; a
+        TimeoutError past ANSWER_TIMEOUT_S."""
+        pending = asyncio.ensure_future(answer)
+        deadline = asyncio.get_running_loop().time() + ANSWER_TIMEOUT_S
         try:
             while not pending.done():
+                if asyncio.get_running_loop().time() > deadline:
+                    replica.handle.cancel.remote(request_id)
+                    raise asyncio.TimeoutError
                 await asyncio.wait({pending}, timeout=self.disconnect_poll_s)
                 if not pending.done() and await request.is_disconnected():
                     replica.handle.cancel.remote(request_id)
@@ -123,13 +146,18 @@ class Relay:
         finally:
             pending.cancel()  # a no-op once done
 
-    async def stream(self, replica: ReplicaRecord, start: Callable[[str], Any]) -> StreamingResponse | JSONResponse:
+    async def stream(self, replica: ReplicaRecord, start: Callable[[str], Any],
+                     request: Request | None = None) -> StreamingResponse | JSONResponse:
         """SSE bytes as the replica yields them. Its first item says whether it accepted the
-        request (b"") or not ({"error": ...}, answered with the error's status)."""
+        request (b"") or not ({"error": ...}, answered with the error's status). A client that
+        leaves while it waits for that frees its place at once."""
         flight = Flight(self.router, replica, uuid.uuid4().hex)
         try:
             generator = start(flight.request_id)
-            first = await (await generator.__anext__())
+            if request is not None:
+                first = await self._wait(replica, _next_item(generator), request, flight.request_id)
+            else:
+                first = await asyncio.wait_for(_next_item(generator), ANSWER_TIMEOUT_S)
         except Exception as exc:
             flight.end(served=False)
             raise await self.failed(replica, exc) from None
@@ -185,8 +213,12 @@ class Relay:
     async def _forward(self, replica: ReplicaRecord, generator, flight: Flight) -> AsyncIterator[bytes]:
         served = False
         try:
-            async for ref in generator:
-                yield await ref
+            while True:  # each item within ANSWER_TIMEOUT_S: a stuck replica ends the stream, never hangs it
+                try:
+                    item = await asyncio.wait_for(_next_item(generator), ANSWER_TIMEOUT_S)
+                except StopAsyncIteration:
+                    break
+                yield item
             served = True
         except Exception as exc:
             # Mid-stream the status is sent already: an error event, then the stream ends.

@@ -3,7 +3,8 @@ single-sequence path, side by side in one run on the same GGUF and the same llam
 commit. Prints JSON, with a `summary` block that evaluates issue 10's goals.
 
     python -m tests.bench.batch_bench [--engines homefleet,llama_server,batched,today]
-        [--server PATH] [--streams 1,4,8] [--repeats 3] [--today-streams 1]
+        [--server PATH] [--streams 1,4,8] [--repeats 3] [--today-streams 1] [--homefleet-beside]
+        [--homefleet-flush SECONDS]
     python -m tests.bench.batch_bench --memory [--ctx-per-slot 2048]
 
 - "homefleet": the product end to end: `homefleet up` (Ray head, controller, gateway, one
@@ -35,8 +36,14 @@ alternate between engines; a wave during which other processes took more than
 llama.cpp's spinning thread barriers make a busy 2-core machine 10-100x slower. The
 processes of `homefleet up` (its whole process tree: gateway and controller, Ray, the
 replica) are ours, never "others"; every wave reports the cores each group of our
-processes used (`cpu_cores`), so homefleet's idle cost during the other engines' waves
-and the gateway's and Ray's share during its own are visible.
+processes used (`cpu_cores`): the gateway's and Ray's share during homefleet's waves.
+
+homefleet's waves: by default each repeat starts a `homefleet up` of its own (model ready,
+start-up churn settled), runs homefleet's waves for every stream count, stops it, then runs
+the other engines' waves for that repeat: an idle homefleet (Ray's GCS, raylet, agents, the
+controller's polling; about 0.05 of a core) beside them cost them 3-5% of their tokens/s
+on this 2-core machine. --homefleet-beside keeps one for the whole run, its waves
+alternating with the others' wave by wave.
 
 The 10-turn chat (CHAT_TURNS) runs through each engine; the share of the prompt tokens
 after the first turn served from the cache is homefleet's
@@ -251,13 +258,24 @@ def wave_homefleet(homefleet: Homefleet, prompts: Prompts, max_tokens: int) -> W
         body = {"model": MODEL_NAME, "messages": [{"role": "user", "content": prompts.texts[i]}],
                 "max_tokens": max_tokens, "temperature": 0, "stream": True,
                 "stream_options": {"include_usage": True}}
+        reads = 0
         with client.stream("POST", f"{homefleet.url}/v1/chat/completions", json=body) as response:
-            for chunk in _sse_json(response):
-                if chunk["choices"]:
-                    yield bool((chunk["choices"][0].get("delta") or {}).get("content")), None
-                if chunk.get("usage"):
-                    homefleet.check_prompt(chunk["usage"]["prompt_tokens"], len(prompts.tokens[i]))
-                    yield False, int(chunk["usage"]["completion_tokens"])
+            response.raise_for_status()
+            rest = b""
+            for data in response.iter_bytes():  # what each read brings: about one of the replica's flushes
+                reads += 1
+                *lines, rest = (rest + data).split(b"\n")
+                for line in lines:
+                    if line.startswith(b"data: {"):
+                        chunk = json.loads(line[6:])
+                        if "error" in chunk:
+                            raise RuntimeError(f"error event: {chunk['error']}")
+                        if chunk["choices"]:
+                            yield bool((chunk["choices"][0].get("delta") or {}).get("content")), None
+                        if chunk.get("usage"):
+                            homefleet.check_prompt(chunk["usage"]["prompt_tokens"], len(prompts.tokens[i]),
+                                                   chunk["usage"]["completion_tokens"], reads)
+                            yield False, int(chunk["usage"]["completion_tokens"])
 
     return http_wave(len(prompts.texts), request)
 
@@ -319,8 +337,19 @@ class Homefleet:
             entry["chat_format"] = args.chat_format
         self.config = {"models": [entry], "gateway": {"queue_per_replica": args.queue_per_replica}}
         path = write_config(tmp / "bench.yaml", [entry], gateway=self.config["gateway"])
+        from tests.support import child_env
+
+        extra = dict(item.split("=", 1) for item in getattr(args, "homefleet_env", None) or [])
+        if extra:  # a diagnostic: e.g. OMP_WAIT_POLICY for the replica (Ray's workers inherit it)
+            self.config["environment (diagnostic)"] = extra
+        if getattr(args, "homefleet_flush", None) is not None:  # a diagnostic: replica.py's FLUSH_INTERVAL_S
+            here = str(Path(__file__).resolve().parent / "flush_override")
+            extra.update(HOMEFLEET_BENCH_FLUSH_S=str(args.homefleet_flush),
+                         PYTHONPATH=os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p))
+            self.config["FLUSH_INTERVAL_S (overridden)"] = args.homefleet_flush
+        env = child_env(**extra) if extra else None
         started = time.perf_counter()
-        self._up = homefleet_up(tmp, "--config", str(path))
+        self._up = homefleet_up(tmp, "--config", str(path), env=env)
         self.running = self._up.__enter__()
         try:
             view = self.running.wait_for_models({MODEL_NAME: {"ready"}}, timeout_s=300)
@@ -330,13 +359,28 @@ class Homefleet:
         self.start_s = round(time.perf_counter() - started, 1)
         self.url = self.running.url
         self.model_view = next(m for m in view["models"] if m["name"] == MODEL_NAME)
-        self.prompt_checks = {"requests": 0, "prompt_tokens_as_sent_to_the_others": 0}
+        self.prompt_checks = {"requests": 0, "prompt_tokens_as_sent_to_the_others": 0, "answer_tokens": 0,
+                              "http_reads": 0}  # reads of the response body: about one per flush
         self._lock = threading.Lock()
 
-    def check_prompt(self, reported: int, expected: int) -> None:
+    def settle(self, cores: float = 0.1, timeout_s: float = 30.0) -> float:
+        """Wait until its processes, started a moment ago, use fewer than `cores` (Ray's
+        start-up churn ends); returns the seconds waited."""
+        watch = CpuWatch(self.pids)
+        started = time.perf_counter()
+        while time.perf_counter() - started < timeout_s:
+            with watch:
+                time.sleep(1.0)
+            if sum(watch.groups.values()) / watch.wall < cores:
+                break
+        return round(time.perf_counter() - started, 1)
+
+    def check_prompt(self, reported: int, expected: int, tokens: int, reads: int) -> None:
         with self._lock:
             self.prompt_checks["requests"] += 1
             self.prompt_checks["prompt_tokens_as_sent_to_the_others"] += int(reported == expected)
+            self.prompt_checks["answer_tokens"] += tokens
+            self.prompt_checks["http_reads"] += reads
 
     def pids(self) -> dict[int, str]:
         """Its process tree, by role: `up` (gateway + controller), `replica` (the model's
@@ -538,14 +582,60 @@ def run_speed(args) -> dict:
     if "today" in wanted and "today_flash_attn" not in wanted and not args.no_today_flash_attn:
         wanted.append("today_flash_attn")  # one stream only: is the gain flash attention's?
     vocab, formatter = _formatter(args.model, args.chat_format)
-    homefleet = server = None
+    homefleet: Homefleet | None = None
+    server = None
     engines: dict[str, EngineProcess] = {}
     started = time.perf_counter()
     results: dict[str, dict[int, list[Wave]]] = {name: {} for name in ENGINES}
+    chat: dict[str, dict] = {}
+    sessions: list[dict] = []  # each `homefleet up`: start and settle seconds
+    prompt_check = {"requests": 0, "prompt_tokens_as_sent_to_the_others": 0, "answer_tokens": 0, "http_reads": 0}
+    homefleet_facts = None
+
+    def own_pids() -> dict[int, str]:
+        out = {os.getpid(): "bench_client"}
+        out.update({e.proc.pid: f"{name}_process" for name, e in engines.items()})
+        if server:
+            out.update(server.pids())
+        if homefleet:
+            out.update(homefleet.pids())
+        return out
+
+    watch = CpuWatch(own_pids)
+    warm = prompts_for(vocab, formatter, 2, -1)
+
+    def start_homefleet() -> Homefleet:
+        nonlocal homefleet_facts
+        up = Homefleet(args)
+        settle_s = up.settle()
+        sessions.append({"start_s": up.start_s, "settle_s": settle_s})
+        print(f"homefleet up: model ready after {up.start_s} s, settled after {settle_s} s", file=sys.stderr,
+              flush=True)
+        wave_homefleet(up, warm, 8)
+        homefleet_facts = {"config": up.config, "replica": up.model_view.get("replicas")}
+        return up
+
+    def stop_homefleet() -> None:
+        nonlocal homefleet
+        if homefleet is not None:
+            for key in prompt_check:
+                prompt_check[key] += homefleet.prompt_checks[key]
+            homefleet.close()
+            homefleet = None
+
+    def record(name: str, n: int, run) -> None:
+        results[name].setdefault(n, []).append(measured(run, watch, args.busy_limit, args.tries))
+
+    def report(rep: int, names) -> None:
+        for n in streams:
+            print(f"rep {rep} streams {n}: " + ", ".join(
+                f"{k} {results[k][n][-1].summary()['aggregate_tok_s']} tok/s "
+                f"ttft {results[k][n][-1].summary()['ttft_median_s']} s"
+                for k in names if n in results[k] and len(results[k][n]) > rep), file=sys.stderr, flush=True)
+
     try:
-        if "homefleet" in wanted:  # first: Ray's start-up is the slowest, and nothing else runs yet
-            homefleet = Homefleet(args)
-            print(f"homefleet up: model ready after {homefleet.start_s} s", file=sys.stderr, flush=True)
+        if "homefleet" in wanted and args.homefleet_beside:
+            homefleet = start_homefleet()
         if "llama_server" in wanted:
             if not args.server:
                 raise SystemExit("llama_server needs --server (or no --no-server)")
@@ -556,25 +646,21 @@ def run_speed(args) -> dict:
             engines["today"] = EngineProcess("today", args, "off")
         if "today_flash_attn" in wanted:
             engines["today_flash_attn"] = EngineProcess("today", args, "on")
-
-        def own_pids() -> dict[int, str]:
-            out = {os.getpid(): "bench_client"}
-            out.update({e.proc.pid: f"{name}_process" for name, e in engines.items()})
-            if server:
-                out.update(server.pids())
-            if homefleet:
-                out.update(homefleet.pids())
-            return out
-
-        watch = CpuWatch(own_pids)
-        warm = prompts_for(vocab, formatter, 2, -1)
-        if homefleet:
-            wave_homefleet(homefleet, warm, 8)
         if server:
             wave_server(server.url, warm, 8)
         for engine in engines.values():
             engine.wave(warm.tokens, 8)
         for rep in range(args.repeats):
+            if "homefleet" in wanted and not args.homefleet_beside:
+                # Apart: its own `homefleet up` for its waves of this repeat, stopped before the
+                # other engines' waves, whose neighbour its idle Ray processes would otherwise be.
+                homefleet = start_homefleet()
+                for n in streams:
+                    prompts = prompts_for(vocab, formatter, n, rep)
+                    record("homefleet", n, lambda: wave_homefleet(homefleet, prompts, args.max_tokens))
+                if rep == args.repeats - 1:
+                    chat["homefleet"] = chat_homefleet(homefleet.url, CHAT_TURNS, args.chat_tokens)
+                stop_homefleet()
             for n in streams:
                 prompts = prompts_for(vocab, formatter, n, rep)
                 runs = {}
@@ -586,11 +672,8 @@ def run_speed(args) -> dict:
                     if {"batched": True, "today": n in today_streams, "today_flash_attn": n == 1}[name]:
                         runs[name] = lambda e=e: e.wave(prompts.tokens, args.max_tokens)
                 for name, run in runs.items():
-                    results[name].setdefault(n, []).append(measured(run, watch, args.busy_limit, args.tries))
-                print(f"rep {rep} streams {n}: " + ", ".join(
-                    f"{k} {v[n][-1].summary()['aggregate_tok_s']} tok/s ttft {v[n][-1].summary()['ttft_median_s']} s"
-                    for k, v in results.items() if n in v and len(v[n]) > rep), file=sys.stderr, flush=True)
-        chat = {}
+                    record(name, n, run)
+            report(rep, ENGINES)
         if homefleet:
             chat["homefleet"] = chat_homefleet(homefleet.url, CHAT_TURNS, args.chat_tokens)
         if server:
@@ -598,16 +681,17 @@ def run_speed(args) -> dict:
         if "batched" in engines:
             chat["batched"] = engines["batched"].call({"chat": CHAT_TURNS, "max_tokens": args.chat_tokens})
         server_settings = server.settings() if server else None
-        homefleet_facts = {"config": homefleet.config, "start_s": homefleet.start_s,
-                           "replica": homefleet.model_view.get("replicas"),
-                           "prompt_check": homefleet.prompt_checks} if homefleet else None
     finally:
-        if homefleet:
-            homefleet.close()
+        stop_homefleet()
         if server:
             server.close()
         for engine in engines.values():
             engine.close()
+    if homefleet_facts is not None:
+        homefleet_facts.update(
+            mode="beside: one `homefleet up` for the whole run, idle beside the other engines' waves"
+            if args.homefleet_beside else "apart: a `homefleet up` of its own for its waves of each repeat, "
+            "stopped before the other engines' waves", sessions=sessions, prompt_check=prompt_check)
     table = {name: {str(n): median_summary(w) for n, w in per.items()} for name, per in results.items() if per}
     all_goals = {engine: goals(table, chat, streams, engine) for engine in ("homefleet", "batched") if engine in table}
     return {"table": table, "chat_10_turns": chat, "server_settings": server_settings, "homefleet": homefleet_facts,
@@ -747,6 +831,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--queue-per-replica", type=int, default=16, help="homefleet's gateway.queue_per_replica")
+    parser.add_argument("--homefleet-beside", action="store_true",
+                        help="one `homefleet up` for the whole run, its waves alternating with the others' (its "
+                        "idle Ray processes then slow the other engines); default: one of its own each repeat")
+    parser.add_argument("--homefleet-flush", type=float, default=None,
+                        help="diagnostic: worker/replica.py's FLUSH_INTERVAL_S for homefleet's replica")
+    parser.add_argument("--homefleet-env", action="append", default=[], metavar="KEY=VALUE",
+                        help="diagnostic: an environment variable for `homefleet up` and so its replica")
     parser.add_argument("--flash-attn", choices=("auto", "on", "off"), default="auto",
                         help="the batched engine's flash attention (llama.cpp's auto, as llama-server; today's is off)")
     parser.add_argument("--busy-limit", type=float, default=0.05, help="others' CPU share above which a wave reruns")

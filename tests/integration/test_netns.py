@@ -21,7 +21,7 @@ import psutil
 import pytest
 
 from tests.netns import VethHosts
-from tests.support import TEST_RAY_TOKEN, child_env, free_port, homefleet_command, write_config
+from tests.support import child_env, free_port, homefleet_command, joining_token_file, write_config
 
 pytestmark = pytest.mark.integration
 
@@ -128,7 +128,8 @@ def test_chat_is_served_by_a_node_on_another_host_across_network_namespaces(tmp_
         port, ray_port = free_port(), free_port()  # the namespaces are fresh: any port is free there
         url = f"http://127.0.0.1:{port}"
         popens.append(_start(hosts.first, homefleet_command(
-            "up", "--config", str(config), "--node-ip-address", HEAD_IP, "--ray-port", str(ray_port),
+            "up", "--config", str(config), "--token-file", str(tmp_path / "ray_token"), "--node-ip-address", HEAD_IP,
+            "--ray-port", str(ray_port),
             "--port", str(port), "--host", "0.0.0.0", "--name", "near"), up_log, HOMEFLEET_ADMIN_KEY=ADMIN_KEY))
         # The head must be listening before the worker joins: wait for the gateway.
         deadline = time.monotonic() + WAIT_S
@@ -137,7 +138,7 @@ def test_chat_is_served_by_a_node_on_another_host_across_network_namespaces(tmp_
                 pytest.fail(f"gateway in {hosts.first} not up (exit {popens[0].poll()}):\n{_logs(up_log)}")
             time.sleep(0.5)
         popens.append(_start(hosts.second, homefleet_command(
-            "join", f"{HEAD_IP}:{ray_port}", "--token", TEST_RAY_TOKEN, "--name", "far",
+            "join", f"{HEAD_IP}:{ray_port}", "--token-file", str(joining_token_file(tmp_path)), "--name", "far",
             "--node-ip-address", WORKER_IP), join_log))
 
         view: dict = {}

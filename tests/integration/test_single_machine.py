@@ -12,6 +12,8 @@ import httpx
 import openai
 import pytest
 
+from orchestrator.core.model_shape import shape_from_gguf
+from orchestrator.fit import CPU_DECODE_EFFICIENCY, GPU_DECODE_EFFICIENCY
 from tests.support import homefleet_command, homefleet_up, child_env, write_config
 
 pytestmark = pytest.mark.integration
@@ -295,7 +297,7 @@ def test_cli_chat_repl_keeps_a_conversation(server):
     assert out.stdout.count("\n") >= 2
 
 
-def test_replica_measures_its_decode_speed_and_the_node_is_calibrated_by_it(server, client):
+def test_replica_measures_its_decode_speed_and_the_node_is_calibrated_by_it(server, client, gemma_path):
     client.chat.completions.create(model=GEMMA, messages=[{"role": "user", "content": "Go on."}], max_tokens=24)
     deadline = time.monotonic() + 15  # the controller polls replicas every 2 s
     while time.monotonic() < deadline:
@@ -305,9 +307,25 @@ def test_replica_measures_its_decode_speed_and_the_node_is_calibrated_by_it(serv
         if replica["decode_tokens_per_s"] and node["speed_factor"]:
             break
         time.sleep(0.5)
-    assert replica["decode_tokens_per_s"] > 1
-    # A probed node knows no RAM bandwidth: the measured run gives its effective one.
-    assert node["speed_factor"] == 1.0 and node["hardware"]["ram_bandwidth_gbps"] > 0
+    measured = replica["decode_tokens_per_s"]
+    assert measured > 1
+    # Worked out here from the GGUF: whole on a GPU or all on the CPU, a decoded token reads
+    # every layer's weights and the output layer once.
+    shape = shape_from_gguf(gemma_path)
+    bytes_per_token = sum(shape.layer_weight_bytes) + shape.output_bytes
+    gpu = next((g for g in node["hardware"]["gpus"] if g["index"] == replica["gpu_index"]), None)
+    if gpu is None:
+        # A probed node declares no RAM bandwidth, so nothing predicts its CPU speed: the
+        # measured run gives the node its effective bandwidth instead (and so a factor of 1).
+        assert replica["gpu_layers"] == 0
+        expected_gbps = bytes_per_token * measured / (1e9 * CPU_DECODE_EFFICIENCY)
+        assert node["hardware"]["ram_bandwidth_gbps"] == pytest.approx(expected_gbps, rel=0.01)
+        assert node["speed_factor"] == 1.0
+    else:
+        # Whole on a probed card: its peak bandwidth predicts, the measured run corrects.
+        assert replica["gpu_layers"] == replica["total_layers"] and gpu["memory_bandwidth_gbps"]
+        predicted = gpu["memory_bandwidth_gbps"] * 1e9 * GPU_DECODE_EFFICIENCY / bytes_per_token
+        assert node["speed_factor"] == pytest.approx(measured / predicted, rel=0.01, abs=1e-3)
 
 
 def test_fit_measures_this_machine_with_a_short_run(gemma_path):

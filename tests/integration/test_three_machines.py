@@ -9,13 +9,27 @@ box, the way a busy desktop reports itself; the placement rules do not change wi
 from __future__ import annotations
 
 import contextlib
+import json
+import subprocess
 import time
 
 import httpx
 import pytest
 
+from orchestrator.config import load_config
+from orchestrator.core.placement import Assignment, place, snapshot_from_hardware
+from orchestrator.demand import default_shape_loader, demands_for
+from orchestrator.machines import load_hardware_file
 from tests.gguf_factory import write_gguf
-from tests.support import child_env, homefleet_join, homefleet_up, ray_address_of, replica_of, write_config
+from tests.support import (
+    child_env,
+    homefleet_command,
+    homefleet_join,
+    homefleet_up,
+    ray_address_of,
+    replica_of,
+    write_config,
+)
 from tests.support import declared_machine as support_declared_machine
 
 pytestmark = pytest.mark.integration
@@ -60,7 +74,8 @@ def lab(tmp_path_factory):
     env = child_env(RAY_health_check_period_ms="500", RAY_health_check_timeout_ms="500",
                     RAY_health_check_failure_threshold="4")
     _, _, _, head_ip = MACHINES["desktop"]
-    with homefleet_up(tmp, "--config", str(config), "--name", "desktop", "--hardware", declared_machine(tmp, "desktop"),
+    declared = {name: declared_machine(tmp, name) for name in MACHINES}
+    with homefleet_up(tmp, "--config", str(config), "--name", "desktop", "--hardware", declared["desktop"],
                       env=env) as head:
         head.node_ip = head_ip
         address = ray_address_of(head)
@@ -68,14 +83,14 @@ def lab(tmp_path_factory):
             joined = {}
             for name in ("laptop-1", "laptop-2"):  # one at a time, as people switch laptops on
                 joined[name] = stack.enter_context(
-                    homefleet_join(tmp, address, name, MACHINES[name][3], "--hardware", declared_machine(tmp, name), env=env)
+                    homefleet_join(tmp, address, name, MACHINES[name][3], "--hardware", declared[name], env=env)
                 )
                 head.wait_for_nodes([name], timeout_s=120)
             view = head.wait_for_models(
                 {"small-a": {"ready"}, "small-b": {"ready"}, "big": {"ready"}, "huge": {"ready"}, "nowhere": {"pending"}},
                 timeout_s=240,
             )
-            yield {"head": head, **joined, "first_view": view}
+            yield {"head": head, **joined, "first_view": view, "config": config, "declared": declared}
 
 
 def test_every_seed_machine_joins_and_reports_its_declared_hardware(lab):
@@ -110,19 +125,47 @@ def test_model_that_fits_nowhere_is_pending_with_one_reason_per_node_in_numbers(
     assert "GiB" in model["reason"]
 
 
-@pytest.mark.parametrize("model", ["small-a", "small-b", "big", "huge"])
-def test_chat_is_served_by_the_node_placement_chose(lab, model):
-    head = lab["head"]
-    chosen = replica_of(head.cluster(), model)["node"]
+def placement_on_declared_hardware(config_path, hardware_files) -> dict[str, Assignment]:
+    """Where the placement rules put each model, worked out here: the pure `place()` over the
+    declared machine files and the lab's GGUF headers, nothing asked of the running cluster."""
+    config = load_config(config_path)
+    nodes = [snapshot_from_hardware(load_hardware_file(path)) for path in hardware_files]
+    return {a.model: a for a in place(nodes, demands_for(config.models, default_shape_loader)).assignments}
+
+
+@pytest.fixture(scope="module")
+def rules_pick(lab) -> dict[str, Assignment]:
+    picked = placement_on_declared_hardware(lab["config"], lab["declared"].values())
+    assert set(picked) == {"small-a", "small-b", "big", "huge"}
+    return picked
+
+
+def chat_served_by(head, model: str) -> str:
     reply = httpx.post(
         f"{head.url}/v1/chat/completions",
         json={"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "temperature": 0},
         timeout=120,
     )
     assert reply.status_code == 200, reply.text
-    assert reply.headers["x-homefleet-node"] == chosen
-    served = {n["name"]: n["requests_served"] for n in head.cluster()["nodes"]}
-    assert served[chosen] >= 1
+    return reply.headers["x-homefleet-node"]
+
+
+# Same file, same context: the rules cannot tell them apart, so the controller may place either
+# first (whichever's header is read first) and either may get the laptop the rules name first.
+TWINS = {"small-a": "small-b", "small-b": "small-a"}
+
+
+@pytest.mark.parametrize("model", ["small-a", "small-b", "big", "huge"])
+def test_chat_is_served_by_the_node_the_rules_pick_from_the_declared_hardware(lab, rules_pick, model):
+    head = lab["head"]
+    served = chat_served_by(head, model)
+    if model in TWINS:
+        twin = TWINS[model]
+        assert {served, chat_served_by(head, twin)} == {rules_pick[model].node, rules_pick[twin].node}
+    else:
+        assert served == rules_pick[model].node
+    served_counts = {n["name"]: n["requests_served"] for n in head.cluster()["nodes"]}
+    assert served_counts[served] >= 1
 
 
 def test_model_that_fits_nowhere_answers_503_with_its_reason(lab):
@@ -135,18 +178,32 @@ def test_model_that_fits_nowhere_answers_503_with_its_reason(lab):
     assert "laptop-1: needs" in reply.json()["error"]["message"]
 
 
-def test_plan_against_the_live_cluster_agrees_with_the_placement(lab, tmp_path):
-    import subprocess
+def kind_of(replica: dict) -> str:
+    """A live replica's kind from its layers: all on the GPU, some, or none."""
+    if replica["gpu_layers"] <= 0:
+        return "cpu"
+    return "gpu" if replica["gpu_layers"] >= replica["total_layers"] else "split"
 
-    from tests.support import homefleet_command
 
+def test_plan_against_the_live_cluster_agrees_with_the_placement(lab):
     out = subprocess.run(
-        homefleet_command("plan", "--url", lab["head"].url, "--json",
-                          "--config", str(lab["head"].log_path.parent / "lab.yaml")),
+        homefleet_command("plan", "--url", lab["head"].url, "--json", "--config", str(lab["config"])),
         env=child_env(), capture_output=True, text=True, timeout=120,
     )
     assert out.returncode == 0, out.stderr
-    assert "nowhere" in out.stdout
+    plan = json.loads(out.stdout)
+    view = lab["head"].cluster()
+    live = {m["name"]: [(r["node"], kind_of(r), r["gpu_layers"]) for r in m["replicas"] if r["state"] == "ready"]
+            for m in view["models"]}
+    planned = {}
+    for a in plan["assignments"]:
+        planned.setdefault(a["model"], []).append((a["node"], a["kind"], a["gpu_layers"]))
+    assert planned == {model: replicas for model, replicas in live.items() if replicas}
+    placed_nowhere = {model for model, replicas in live.items() if not replicas}
+    assert placed_nowhere == {"nowhere"}
+    assert {u["model"] for u in plan["unplaced"]} == placed_nowhere
+    (nowhere,) = plan["unplaced"]
+    assert set(nowhere["reasons"]) == {"desktop", "laptop-1", "laptop-2"}
 
 
 def test_a_node_that_leaves_is_shown_gone_within_the_health_check_time(lab):

@@ -6,14 +6,20 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import time
+
+import pytest
 
 from orchestrator.config import parse_config
 from orchestrator.controller import Controller
 from orchestrator.core import catalog
+from orchestrator.core.hardware import MIB
+from orchestrator.fit import GPU_DECODE_EFFICIENCY
 from orchestrator.machines import load_machines
 from orchestrator.ray_actors import RayNode
 
 MACHINES = {hw.name: hw for hw in load_machines()}
+SEVEN_B = "deepseek-r1-distill-qwen-7b.gguf"  # ~5 GB whole on a GPU at 4096 tokens
 
 
 def fake_sha(name: str) -> str:
@@ -24,12 +30,17 @@ class FakeCluster:
     """Nodes declared by hardware files; every replica loads unless its model is in `broken`.
 
     `holds` maps node -> file names it holds (default: every node holds every configured file);
-    transfers started on a node stay in flight until `finish` or `fail`.
+    transfers started on a node stay in flight until `finish` or `fail`. A node in `probed`
+    reports its hardware as probed rather than declared; a model in `decode_rates` reports
+    that decode speed (tokens/s) once ready.
     """
 
     def __init__(self, names: list[str], broken: dict[str, str] | None = None,
-                 holds: dict[str, set[str]] | None = None, unhashed: set[str] | None = None) -> None:
+                 holds: dict[str, set[str]] | None = None, unhashed: set[str] | None = None,
+                 probed: set[str] | None = None, decode_rates: dict[str, float] | None = None) -> None:
         self.alive = {name: True for name in names}
+        self.probed = probed or set()
+        self.decode_rates = decode_rates or {}
         self.broken = broken or {}
         self.holds = holds
         self.unhashed = unhashed or set()  # file names whose hash is not computed yet
@@ -38,6 +49,8 @@ class FakeCluster:
         self.crashed: set[str] = set()  # replica ids whose process died
         self.transfers: dict[str, tuple[str, dict, dict]] = {}  # id -> (node, spec, progress)
         self.cancelled: list[str] = []
+        self.drain_asks: list = []  # DrainRequests `join` left in Ray's KV
+        self.drain_answers: list[tuple[object, dict]] = []
 
     def list_nodes(self) -> list[RayNode]:
         return [RayNode(f"id-{n}", f"10.0.0.{i}", up, i == 0, n) for i, (n, up) in enumerate(self.alive.items())]
@@ -53,7 +66,7 @@ class FakeCluster:
     async def report(self, agent: str, model_paths: dict, timeout_s: float) -> dict:
         if not self.alive[agent]:
             raise TimeoutError(agent)
-        hardware = MACHINES[agent].model_copy(update={"source": "file"})
+        hardware = MACHINES[agent].model_copy(update={"source": "probe" if agent in self.probed else "file"})
         held = self._files(agent, model_paths)
         files = [{"name": n, "path": f"/m/{agent}/{n}", "size_bytes": 4 << 30,
                   "sha256": None if n in self.unhashed else fake_sha(n)} for n in sorted(held)]
@@ -72,9 +85,20 @@ class FakeCluster:
         self.transfers[spec["transfer_id"]] = (agent, spec, progress)
         return progress
 
+    async def transfer(self, agent: str, transfer_id: str) -> dict | None:
+        node, _, progress = self.transfers.get(transfer_id, (None, None, None))
+        return progress if node == agent else None
+
     async def cancel_transfer(self, agent: str, transfer_id: str) -> bool:
         self.cancelled.append(transfer_id)
         return True
+
+    async def remove_copy(self, agent: str, name: str) -> dict:
+        held = self.holds.get(agent, set()) if self.holds is not None else set()
+        if name not in held:
+            return {"name": name, "error": f"{agent} holds no copy named {name}"}
+        held.discard(name)
+        return {"name": name, "freed_bytes": 4 << 30}
 
     def finish(self, transfer_id: str) -> None:
         node, spec, progress = self.transfers[transfer_id]
@@ -95,7 +119,7 @@ class FakeCluster:
         self.started.append((node_id.removeprefix("id-"), replica_id, settings))
         return replica_id
 
-    async def load(self, handle: str) -> dict:
+    async def load(self, handle: str, timeout_s: float) -> dict:
         model = handle.split("#")[0]
         if model in self.broken:
             return {"state": "failed", "reason": self.broken[model]}
@@ -104,10 +128,17 @@ class FakeCluster:
     async def info(self, handle: str, timeout_s: float) -> dict:
         if handle in self.crashed:
             raise ConnectionError(handle)  # stands for Ray's "actor died"
-        return {"state": "ready"}
+        return {"state": "ready", "decode_tokens_per_s": self.decode_rates.get(handle.split("#")[0])}
 
     def kill(self, handle) -> None:
         self.killed.append(handle)
+
+    def drain_requests(self) -> list:
+        return list(self.drain_asks)
+
+    def answer_drain(self, request, answer: dict) -> None:
+        self.drain_answers.append((request, answer))
+        self.drain_asks = [r for r in self.drain_asks if r.node != request.node]
 
     @staticmethod
     def is_node_gone_error(exc: BaseException) -> bool:
@@ -152,15 +183,33 @@ def test_large_model_goes_to_the_desktop_and_small_ones_to_the_laptops():
     assert all(controller.model_state(m)[0] == "ready" for m in ("coder", "r1", "llama"))
 
 
+def usable_vram_bytes(node: str) -> int:
+    """Room on a node's card as the placement rules count it: its free VRAM (a hardware file
+    declares no use: all of it) less a margin of max(256 MiB, 5% of the card)."""
+    gpu = MACHINES[node].gpus[0]
+    return gpu.vram_free - max(256 * MIB, int(gpu.vram_total_bytes) // 20)
+
+
 def test_declared_gpu_memory_of_running_replicas_stays_reserved_across_ticks():
+    # A declared card's free figure never drops, so only the controller's own ledger keeps a
+    # running replica's VRAM: b is placed ticks after a, when the card still reads as empty.
     cluster = FakeCluster(["laptop-1"])
     controller = Controller(config([
-        {"name": "a", "path": "deepseek-r1-distill-qwen-7b.gguf", "context": 4096},
-        {"name": "b", "path": "deepseek-r1-distill-qwen-7b.gguf", "context": 4096},
+        {"name": "a", "path": SEVEN_B, "context": 4096, "parallel": 1},
+        {"name": "b", "path": SEVEN_B, "context": 4096, "parallel": 1, "load": "on_demand"},
     ]), cluster)
+    run_ticks(controller, 3)
+    first = controller.replicas[("a", 0)].assignment
+    assert first.kind == "gpu" and first.node == "laptop-1"
+    assert 2 * first.gpu_bytes > usable_vram_bytes("laptop-1")  # the 6 GB card cannot hold both whole
+    controller.request_load("b")
     run_ticks(controller, 5)
-    kinds = sorted(r.assignment.kind for r in controller.replicas.values())
-    assert kinds != ["gpu", "gpu"]  # one 6 GB card cannot hold two 5 GB models
+    second = controller.replicas[("b", 0)].assignment
+    assert [replica_id for _, replica_id, _ in cluster.started] == ["a#0", "b#0"]
+    assert controller.replicas[("a", 0)].assignment == first  # a keeps its place on the card
+    assert second.kind != "gpu"
+    on_the_card = sum(x.gpu_bytes for x in (first, second) if (x.node, x.gpu_index) == ("laptop-1", 0))
+    assert on_the_card <= usable_vram_bytes("laptop-1")
 
 
 def test_model_that_fails_to_load_is_failed_with_its_reason_while_the_others_serve():
@@ -223,6 +272,23 @@ def test_catalog_only_model_is_explained_not_started():
     assert "for `homefleet plan` and `fit` only" in controller.model_state("plan-only")[1]
 
 
+def test_probed_node_speed_factor_is_measured_over_predicted_decode_speed():
+    # Whole on the card, each decoded token reads every offloaded weight once from VRAM at
+    # GPU_DECODE_EFFICIENCY of its bandwidth; the replica measures 60% of that.
+    shape = catalog.lookup("deepseek-r1-distill-qwen-7b")
+    gpu = MACHINES["laptop-1"].gpus[0]
+    bytes_per_token = sum(shape.layer_weight_bytes) + shape.output_bytes
+    predicted = gpu.memory_bandwidth_gbps * 1e9 * GPU_DECODE_EFFICIENCY / bytes_per_token
+    measured = round(0.6 * predicted, 2)
+    cluster = FakeCluster(["laptop-1"], probed={"laptop-1"}, decode_rates={"r1": measured})
+    controller = Controller(config([{"name": "r1", "path": SEVEN_B, "context": 4096, "parallel": 1}]), cluster)
+    run_ticks(controller, 4)
+    assert controller.replicas[("r1", 0)].assignment.kind == "gpu"
+    (node,) = controller.view().nodes
+    assert node.speed_factor == pytest.approx(measured / predicted, abs=1e-3)
+    assert node.speed_factor == pytest.approx(0.6, abs=1e-3)
+
+
 def test_replica_whose_process_died_is_forgotten_and_started_again():
     cluster = FakeCluster(LAB)
     controller = Controller(config([{"name": "r1", "path": "deepseek-r1-distill-qwen-7b.gguf"}]), cluster)
@@ -231,6 +297,9 @@ def test_replica_whose_process_died_is_forgotten_and_started_again():
     run_ticks(controller, 1)
     assert "r1#0" in cluster.killed
     cluster.crashed.clear()
+    state, reason = controller.model_state("r1")
+    assert state == "pending" and "starting again in 1 s" in reason  # a backoff, not a restart each tick
+    time.sleep(1.05)
     run_ticks(controller, 2)
     assert controller.model_state("r1")[0] == "ready"
     assert sum(1 for _, rid, _ in cluster.started if rid == "r1#0") == 2

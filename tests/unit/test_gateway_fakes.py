@@ -281,7 +281,7 @@ def app_for(controller: FakeController, api_key: str | None = None):
 
 
 def asgi_client(app, peer: tuple[str, int] = LOOPBACK) -> httpx.AsyncClient:
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app, client=peer), base_url="http://gateway")
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app, client=peer), base_url="http://localhost:8000")
 
 
 async def raw_asgi(app, method: str, path: str, body: bytes = b"", *, leave_after_chunks: int | None = None,

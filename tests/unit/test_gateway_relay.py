@@ -135,6 +135,20 @@ async def test_a_replica_that_dies_before_answering_is_a_502_and_frees_the_slot(
     assert controller.died and record.in_flight == 0
 
 
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_request_whose_replica_dies_before_answering_goes_to_another_replica(controller, handle, stream):
+    other = FakeReplicaHandle()
+    controller.add_replica(MODEL, other)
+    app = app_for(controller)
+    handle.will(Script(raise_at=0, exception=ReplicaDied("actor died")))
+    response = await post(app, {**CHAT, "stream": stream})
+    assert response.status_code == 200, response.text
+    assert response.headers["x-homefleet-replica"] == f"{MODEL}#1"
+    assert [name for name, _ in other.calls] == ["stream_chat" if stream else "chat"]
+    assert controller.died == [(f"{MODEL}#0", "replica process died: ReplicaDied")]
+    assert all(r.in_flight == 0 for r in controller.replicas.values())
+
+
 # ----------------------------------------------------------------------------- the client leaves
 
 

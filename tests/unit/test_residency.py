@@ -155,3 +155,110 @@ def test_the_ledger_keeps_counting_a_ready_model_whose_weights_the_os_calls_avai
     replica.info["memory"] = {"rss_anon_bytes": 1 << 30, "rss_file_bytes": 4 << 30}
     held = replica.assignment.ram_bytes - (1 << 30)
     assert controller._ledger_snapshots()[0].ram_free_bytes == measured_free - held
+
+
+def test_a_replica_that_keeps_crashing_backs_off_then_fails_and_the_others_keep_serving():
+    from orchestrator.core.restarts import RestartPolicy
+
+    cluster = FakeCluster(["desktop", "laptop-1"])
+    cluster.alive["laptop-1"] = False  # asleep
+    controller = Controller(config([{"name": "bad", "path": SEVEN_B, "context": 4096, "node": "desktop"},
+                                    {"name": "good", "path": SEVEN_B, "context": 4096, "node": "desktop"}]),
+                            cluster)
+    controller.restart_policy = RestartPolicy(base_s=0.01, max_s=0.02, window_s=60, max_crashes=3, cool_down_s=60)
+    run_ticks(controller)
+    starts = []
+    for _ in range(3):
+        cluster.crashed.add("bad#0")
+        run_ticks(controller, 1)  # the poll finds it dead
+        cluster.crashed.discard("bad#0")
+        starts.append(sum(1 for _, rid, _ in cluster.started if rid == "bad#0"))
+        time.sleep(0.03)
+        run_ticks(controller, 2)
+    state, reason = controller.model_state("bad")
+    assert state == "failed" and "crashed 3 times" in reason
+    assert states(controller)["good"] == "ready"
+    assert [e["kind"] for e in controller.events if e["model"] == "bad"].count("crashed") == 3
+    cluster.alive["laptop-1"] = True  # a machine wakes: the failed replica is tried again
+    run_ticks(controller, 3)
+    assert controller.model_state("bad")[0] == "ready"
+
+
+class RejoiningCluster(FakeCluster):
+    """A machine that sleeps and wakes comes back as a new Ray node under its old name;
+    Ray keeps listing the old one as dead."""
+
+    def __init__(self, names):
+        super().__init__(names)
+        self.generation = {n: 0 for n in names}
+
+    def list_nodes(self):
+        from orchestrator.ray_actors import RayNode
+
+        out = []
+        for i, (name, up) in enumerate(self.alive.items()):
+            for g in range(self.generation[name] + 1):
+                current = g == self.generation[name]
+                out.append(RayNode(f"id-{name}~{g}", f"10.0.0.{i}", up and current, i == 0, name))
+        return out
+
+    def start_agent(self, node_id: str):
+        return node_id.removeprefix("id-").split("~")[0]
+
+    def wake(self, name: str) -> None:
+        self.generation[name] += 1
+        self.alive[name] = True
+
+
+def test_a_machine_that_comes_back_keeps_one_record_under_its_name():
+    cluster = RejoiningCluster(["desktop", "laptop-1"])
+    controller = Controller(config([{"name": "small", "path": SEVEN_B, "context": 4096, "node": "laptop-1"}]), cluster)
+    run_ticks(controller)
+    assert states(controller)["small"] == "ready"
+    cluster.alive["laptop-1"] = False  # the lid closes
+    run_ticks(controller, 2)
+    assert [n.alive for n in controller.nodes.values() if n.name == "laptop-1"] == [False]
+    assert states(controller)["small"] != "ready"
+    cluster.wake("laptop-1")
+    run_ticks(controller, 3)
+    records = [n for n in controller.nodes.values() if n.name == "laptop-1"]
+    assert len(records) == 1 and records[0].alive and records[0].node_id == "id-laptop-1~1"
+    assert states(controller)["small"] == "ready"
+    assert len(controller.view().nodes) == 2
+    assert any(e["kind"] == "node_back" for e in controller.events)
+
+
+def test_a_small_model_moves_back_to_its_laptop_make_before_break(monkeypatch):
+    import orchestrator.rebalance
+
+    monkeypatch.setattr(orchestrator.rebalance, "REBALANCE_SETTLE_S", 0.0)
+    cluster = RejoiningCluster(["desktop", "laptop-1"])
+    cluster.alive["laptop-1"] = False  # asleep when the fleet starts
+    controller = Controller(config([{"name": "small", "path": SEVEN_B, "context": 4096, "parallel": 1}]), cluster)
+    run_ticks(controller)
+    assert next(iter(controller.replicas.values())).node_name == "desktop"  # the only card awake
+    served_by_old = next(iter(controller.replicas.values()))
+    served_by_old.in_flight = 1  # a request is running on it while the move happens
+    cluster.wake("laptop-1")
+    run_ticks(controller, 4)
+    now = controller.replicas[("small", 0)]
+    assert now.node_name == "laptop-1" and now.state == "ready" and now.assignment.kind == "gpu"
+    assert served_by_old.state == "unloading" and "small#0" not in cluster.killed  # its request finishes first
+    served_by_old.in_flight = 0
+    run_ticks(controller, 1)
+    assert cluster.killed == ["small#0"]
+    assert [e["kind"] for e in controller.events if e["kind"].startswith("mov")] == ["moving", "moved"]
+
+
+def test_no_move_when_rebalance_is_off(monkeypatch):
+    import orchestrator.rebalance
+
+    monkeypatch.setattr(orchestrator.rebalance, "REBALANCE_SETTLE_S", 0.0)
+    cluster = RejoiningCluster(["desktop", "laptop-1"])
+    cluster.alive["laptop-1"] = False
+    controller = Controller(config([{"name": "small", "path": SEVEN_B, "context": 4096, "parallel": 1}],
+                                   rebalance=False), cluster)
+    run_ticks(controller)
+    cluster.wake("laptop-1")
+    run_ticks(controller, 4)
+    assert controller.replicas[("small", 0)].node_name == "desktop" and not cluster.killed

@@ -1,0 +1,125 @@
+"""Models return home (issue 11): when a machine joins or comes back and a model runs on a
+worse node than the placement rules would pick now, it moves there make-before-break. A
+mixin of the Controller.
+
+After a join (once the node has reported, `REBALANCE_SETTLE_S` later), the rules place every
+ready replica afresh, as if none ran (their memory given back). A replica moves when that
+ideal gives it a better kind (whole on a GPU over a split, a split over the CPU), more GPU
+layers, or, whole on a GPU either way, another card (the rules' smaller card: a small model
+gives the 16 GB card back); and only where it fits *now*, beside everything running, on a
+node that holds its file. The new replica loads while the old one serves; once it is ready,
+routing switches to it and the old one stops when its last request ends. One move at a
+time; a move that fails to load leaves the old replica serving. `cluster.rebalance: false`
+turns it off.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+from orchestrator.core.placement import place
+from orchestrator.core.placement_types import Assignment
+
+if TYPE_CHECKING:
+    from orchestrator.controller import ReplicaRecord
+
+log = logging.getLogger(__name__)
+REBALANCE_SETTLE_S = 5.0  # after a join: let the node report and the loads settle
+KIND_RANK = {"gpu": 0, "split": 1, "cpu": 2}
+
+
+def better(ideal: Assignment, now: Assignment) -> bool:
+    """Whether the rules' ideal is worth a move from where a replica runs now."""
+    if KIND_RANK[ideal.kind] != KIND_RANK[now.kind]:
+        return KIND_RANK[ideal.kind] < KIND_RANK[now.kind]
+    if ideal.kind == "split":
+        return ideal.gpu_layers > now.gpu_layers
+    if ideal.kind == "gpu":
+        return (ideal.node, ideal.gpu_index) != (now.node, now.gpu_index)
+    return False  # CPU only either way: a move buys nothing
+
+
+class Rebalance:
+    def _init_rebalance(self) -> None:
+        self.moves: dict[tuple[str, int], ReplicaRecord] = {}  # key -> the new replica, loading
+        self.retiring: list[ReplicaRecord] = []  # moved away from: stop once idle
+        self._rebalance_at: float | None = None
+
+    def node_joined(self) -> None:
+        if self.config.cluster.rebalance:
+            self._rebalance_at = time.monotonic() + REBALANCE_SETTLE_S
+
+    def _rebalance(self, demands: list) -> None:
+        """Start at most one move (see the module docstring)."""
+        if self._rebalance_at is None or time.monotonic() < self._rebalance_at or self.moves:
+            return
+        if any(r.state != "ready" for r in self.replicas.values()):
+            return  # loads, copies and unloads first: then look again
+        self._rebalance_at = None
+        ready = {(r.model, r.index): r for r in self.replicas.values()}
+        mine = [d for d in demands if (d.model, d.replica) in ready]
+        freed = self._snapshots_without(list(ready.values()))
+        ideal = place(freed, mine)
+        for target in ideal.assignments:
+            record = ready[(target.model, target.replica)]
+            if not better(target, record.assignment):
+                continue
+            others = [r.assignment for r in ready.values() if r is not record]
+            demand = next(d for d in mine if (d.model, d.replica) == (target.model, target.replica))
+            now = place(self._ledger_snapshots(), [replace(demand, pin_node=target.node)], current=others)
+            if not now.assignments or not better(now.assignments[0], record.assignment):
+                continue  # it does not fit there beside what runs now
+            if self._start_move(record, now.assignments[0]):
+                self._rebalance_at = time.monotonic()  # after this move, look for the next one
+                return
+
+    def _snapshots_without(self, records: list) -> list:
+        """The ledger's nodes with these replicas' memory given back."""
+        from orchestrator.core.eviction import Evictable, _freed
+
+        gone = [Evictable(r.assignment, 0.0, None, *self._freed_by(r)) for r in records]
+        return _freed(self._ledger_snapshots(), gone)
+
+    def _start_move(self, record: ReplicaRecord, target: Assignment) -> bool:
+        node = next((n for n in self.nodes.values() if n.alive and n.name == target.node), None)
+        held = self.files.holders(record.model).get(target.node)
+        model = self.models.get(record.model)
+        if node is None or held is None or model is None:
+            return False
+        new = self._new_replica(model, target, node, held.path)
+        key = (record.model, record.index)
+        self.moves[key] = new
+        why = f"{record.replica_id} moves from {record.node_name} ({record.assignment.kind}) to {target.node} " \
+              f"({target.kind}, {target.gpu_layers}/{target.n_layers} layers on GPU)"
+        log.info(why)
+        self.record_event("moving", record.model, target.node, why)
+        self._spawn(self._load_move(key, record, new))
+        return True
+
+    async def _load_move(self, key: tuple[str, int], old: ReplicaRecord, new: ReplicaRecord) -> None:
+        try:
+            info = await self.cluster.load(new.handle, self.config.gateway.load_timeout_s)
+        except Exception as exc:  # the old replica keeps serving
+            info = {"state": "failed", "reason": f"{type(exc).__name__}"}
+        self.moves.pop(key, None)
+        new.info = info
+        if info.get("state") != "ready" or self.replicas.get(key) is not old or old.state != "ready":
+            log.warning("move of %s to %s abandoned: %s", new.replica_id, new.node_name, info.get("reason"))
+            await self._kill(new.handle)
+            return
+        new.state = "ready"
+        self.replicas[key] = new  # routing switches here
+        old.state, old.reason = "unloading", f"moved to {new.node_name}"
+        self.retiring.append(old)
+        self.record_event("moved", new.model, new.node_name,
+                          f"{new.replica_id} moved from {old.node_name} to {new.node_name}")
+        self.states_changed()
+        await self._stop_retired()
+
+    async def _stop_retired(self) -> None:
+        for record in [r for r in self.retiring if r.in_flight == 0]:
+            self.retiring.remove(record)
+            await self._kill(record.handle)

@@ -1,0 +1,91 @@
+"""Replicas that crash, and failures that should not last for ever (issue 11). A mixin of the
+Controller, beside CopyFlow and Residency.
+
+- A replica whose process dies (killed, aborted, out of memory), or whose load dies, is
+  started again after a backoff (orchestrator/core/restarts.py); after repeated crashes it
+  is `failed` with its last reason.
+- A failed replica (a crash streak, or a model llama.cpp cannot load) is tried again after
+  the cool-down, or as soon as the set of live nodes changes (a machine joined or came back).
+- A load whose node died is placed again at once: not the model's fault.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from orchestrator.core.restarts import DEFAULT_POLICY, RestartPolicy, after_crash
+
+if TYPE_CHECKING:
+    from orchestrator.controller import ReplicaRecord
+
+log = logging.getLogger(__name__)
+LOAD_FAILURE_COOL_DOWN_S = 600.0
+
+
+class ReplicaFaults:
+    def _init_faults(self, policy: RestartPolicy = DEFAULT_POLICY) -> None:
+        self.restart_policy = policy
+        self.crash_times: dict[tuple[str, int], list[float]] = {}
+        self.held_until: dict[tuple[str, int], tuple[float, str]] = {}  # key -> (not before, why)
+        self.failed_until: dict[tuple[str, int], float] = {}
+        self._live_node_names: frozenset[str] = frozenset()
+
+    async def replica_died(self, replica: ReplicaRecord, reason: str) -> None:
+        """A replica's process is gone: forget it; placement starts another after a backoff."""
+        key = (replica.model, replica.index)
+        if self.replicas.get(key) is not replica:
+            return
+        del self.replicas[key]
+        await self._kill(replica.handle)
+        self._crashed(replica, reason)
+
+    def _crashed(self, replica: ReplicaRecord, reason: str) -> None:
+        key = (replica.model, replica.index)
+        now = time.monotonic()
+        decision = after_crash(self.crash_times.get(key, ()), now, self.restart_policy)
+        self.crash_times[key] = [t for t in self.crash_times.get(key, ()) if now - t <= self.restart_policy.window_s]
+        self.crash_times[key].append(now)
+        text = decision.describe(now, reason)
+        log.warning("%s on %s: %s", replica.replica_id, replica.node_name, text)
+        self.record_event("crashed", replica.model, replica.node_name, text)
+        if decision.failed:
+            replica.state, replica.reason = "failed", text
+            self.failed_keys[key] = replica
+            self.failed_until[key] = decision.at
+        else:
+            self.held_until[key] = (decision.at, text)
+        self.states_changed()
+
+    def _load_failed(self, key: tuple[str, int], record: ReplicaRecord) -> None:
+        """llama.cpp could not load it: failed with the reason, tried again after a cool-down."""
+        self.failed_keys[key] = record
+        self.failed_until[key] = time.monotonic() + LOAD_FAILURE_COOL_DOWN_S
+
+    def _may_start(self, key: tuple[str, int]) -> bool:
+        if key in self.failed_keys:
+            return False
+        held = self.held_until.get(key)
+        return held is None or held[0] <= time.monotonic()
+
+    def _hold_reason(self, model: str) -> str | None:
+        now = time.monotonic()
+        for (name, _), (at, why) in self.held_until.items():
+            if name == model and at > now:
+                return why
+        return None
+
+    def _forgive_failures(self) -> None:
+        """Failed replicas whose cool-down is over, or all of them when the live nodes changed."""
+        live = frozenset(n.name for n in self.nodes.values() if n.alive and n.name)
+        changed = bool(self._live_node_names) and live != self._live_node_names
+        self._live_node_names = live
+        now = time.monotonic()
+        for key in list(self.failed_keys):
+            if changed or self.failed_until.get(key, float("inf")) <= now:
+                log.info("trying %s#%d again (%s)", key[0], key[1], "the nodes changed" if changed else "cool-down over")
+                self.failed_keys.pop(key)
+                self.failed_until.pop(key, None)
+                self.crash_times.pop(key, None)
+        self.held_until = {k: v for k, v in self.held_until.items() if v[0] > now}
