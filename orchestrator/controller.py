@@ -118,6 +118,7 @@ class Controller(CopyFlow, Residency, Drain, ReplicaFaults, Rebalance, WakeOnLan
         self._loads: set[asyncio.Task] = set()
         self.ticks = 0
         self.failed_ticks = 0  # in a row: `up` exits when Ray stays unreachable
+        self._waited_for_nodes = False
         self.files = FileKeeper(config, cluster, self.nodes)
         self.copy_waits: dict[str, str] = {}  # model -> why its copy cannot start yet
         self.config_path: str | None = None  # the file `up` read; `reload` reads it again
@@ -398,12 +399,17 @@ class Controller(CopyFlow, Residency, Drain, ReplicaFaults, Rebalance, WakeOnLan
         return self._demand_cache[model.name]
 
     def _missing_nodes(self) -> list[str]:
-        """Expected nodes not reported yet, while the start-up grace period lasts."""
+        """Expected nodes not reported yet, while the start-up grace period lasts: once they all
+        reported (or the time ran out) the wait is over for good, so a node that leaves later
+        never holds placement."""
         cluster = self.config.cluster
-        if time.monotonic() - self._started_at > cluster.wait_for_nodes_s:
+        if self._waited_for_nodes or time.monotonic() - self._started_at > cluster.wait_for_nodes_s:
+            self._waited_for_nodes = True
             return []
         reported = {n.name for n in self.nodes.values() if n.alive and n.hardware is not None}
-        return [name for name in cluster.wait_for_nodes if name not in reported]
+        missing = [name for name in cluster.wait_for_nodes if name not in reported]
+        self._waited_for_nodes = not missing
+        return missing
 
     async def _reconcile(self) -> None:
         missing = self._missing_nodes()
@@ -508,7 +514,7 @@ class Controller(CopyFlow, Residency, Drain, ReplicaFaults, Rebalance, WakeOnLan
                 return
             del self.replicas[key]
             await self._kill(record.handle)
-            self._crashed(record, f"the load did not finish within {self.config.gateway.load_timeout_s:g} s")
+            await self._crashed(record, f"the load did not finish within {self.config.gateway.load_timeout_s:g} s")
             return
         except Exception as exc:
             if self.replicas.get(key) is not record:
@@ -520,7 +526,7 @@ class Controller(CopyFlow, Residency, Drain, ReplicaFaults, Rebalance, WakeOnLan
                 return
             del self.replicas[key]
             await self._kill(record.handle)
-            self._crashed(record, f"replica process died while loading: {type(exc).__name__}")
+            await self._crashed(record, f"replica process died while loading: {type(exc).__name__}")
             return
         if self.replicas.get(key) is not record:
             return

@@ -22,6 +22,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 LOAD_FAILURE_COOL_DOWN_S = 600.0
+AGENT_PROBE_S = 3.0  # a node whose agent does not answer this fast is taken as gone, not crashed
+NODE_LOST_HOLD_S = 5.0
 
 
 class ReplicaFaults:
@@ -39,11 +41,20 @@ class ReplicaFaults:
             return
         del self.replicas[key]
         await self._kill(replica.handle)
-        self._crashed(replica, reason)
+        await self._crashed(replica, reason)
 
-    def _crashed(self, replica: ReplicaRecord, reason: str) -> None:
+    async def _crashed(self, replica: ReplicaRecord, reason: str) -> None:
         key = (replica.model, replica.index)
         now = time.monotonic()
+        if not await self._node_answers(replica.node_id):
+            # Its machine went (asleep, cut off): not the model's fault, no backoff. Placement
+            # starts it elsewhere once Ray says the node is gone (a short hold till then).
+            why = f"{replica.node_name} stopped answering (asleep or cut off): placing it again"
+            log.warning("%s: %s", replica.replica_id, why)
+            self.record_event("node_lost", replica.model, replica.node_name, why)
+            self.held_until[key] = (now + NODE_LOST_HOLD_S, why)
+            self.states_changed()
+            return
         decision = after_crash(self.crash_times.get(key, ()), now, self.restart_policy)
         self.crash_times[key] = [t for t in self.crash_times.get(key, ()) if now - t <= self.restart_policy.window_s]
         self.crash_times[key].append(now)
@@ -57,6 +68,17 @@ class ReplicaFaults:
         else:
             self.held_until[key] = (decision.at, text)
         self.states_changed()
+
+    async def _node_answers(self, node_id: str) -> bool:
+        """Whether the node's agent still answers: a replica that died on a live node crashed."""
+        node = self.nodes.get(node_id)
+        if node is None or not node.alive or node.agent is None:
+            return False
+        try:
+            await self.cluster.report(node.agent, {}, timeout_s=AGENT_PROBE_S)
+            return True
+        except Exception:
+            return False
 
     def _load_failed(self, key: tuple[str, int], record: ReplicaRecord) -> None:
         """llama.cpp could not load it: failed with the reason, tried again after a cool-down."""

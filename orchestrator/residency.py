@@ -48,6 +48,7 @@ class Residency:
         self.last_used: dict[str, float] = {}
         self.keep_alive_override: dict[str, float | None] = {}  # from requests (Ollama's keep_alive)
         self.waiting: dict[str, int] = {}  # requests waiting for a model to load
+        self.loaded_on_request: set[str] = set()  # `always` models unloaded, then wanted again by a request
         self.cannot_place: dict[str, Unplaced] = {}  # wanted, yet fits nowhere even with room made
         self.room_made_at: dict[str, float] = {}
         self.events: deque[dict] = deque(maxlen=EVENTS_KEPT)
@@ -117,11 +118,13 @@ class Residency:
         model = self.models.get(name)
         if model is None or model.replicas == 0:
             return False
-        return model.load == "on_demand" or name not in self.wanted or self.could_wake_for(name)
+        return (model.load == "on_demand" or name not in self.wanted or name in self.loaded_on_request
+                or self.could_wake_for(name))
 
     def request_load(self, name: str) -> None:
         if name not in self.wanted:
             self.wanted.add(name)
+            self.loaded_on_request.add(name)  # its next requests wait for this load too
             self.cannot_place.pop(name, None)
             self.room_made_at.pop(name, None)
             self.last_used.setdefault(name, time.monotonic())

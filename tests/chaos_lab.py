@@ -110,6 +110,7 @@ class Lab:
     machines: dict[str, str]
     env: dict[str, str]
     stack: contextlib.ExitStack
+    models: dict[str, dict]  # name -> its config entry
     boots: int = field(default=1)
 
     def rejoin_laptop(self, timeout_s: float = 120) -> RunningUp:
@@ -142,7 +143,7 @@ def two_machine_lab(folder: Path, models: list[dict], env: dict[str, str],
             laptop = stack.enter_context(homefleet_join(
                 folder, address, "laptop-1", MACHINES["laptop-1"][3], "--hardware", machines["laptop-1"], env=env))
             head.wait_for_nodes(["laptop-1"], timeout_s=120)
-            yield Lab(head, laptop, folder, address, machines, env, stack)
+            yield Lab(head, laptop, folder, address, machines, env, stack, {m["name"]: m for m in models})
 
 
 # ---- the machine's processes ------------------------------------------------------------------
@@ -265,6 +266,7 @@ class Outcome:
     status: int | None = None
     detail: str = ""
     node: str | None = None
+    retry_after_s: float | None = None  # a 429/503's Retry-After
 
 
 def classify_request(url: str, model: str, stream: bool, timeout_s: float = 60, max_tokens: int = 8) -> Outcome:
@@ -288,9 +290,12 @@ def classify_request(url: str, model: str, stream: bool, timeout_s: float = 60, 
                     message = json.loads(text)["error"]["message"]
                 except (ValueError, KeyError, TypeError):
                     return done("lost", response.status_code, f"error status without an error body: {text[:200]}")
-                if response.status_code in (429, 503) and not response.headers.get("retry-after"):
+                retry_after = response.headers.get("retry-after")
+                if response.status_code in (429, 503) and not retry_after:
                     return done("lost", response.status_code, f"{response.status_code} without Retry-After")
-                return done("error_status", response.status_code, message[:200], node)
+                outcome = done("error_status", response.status_code, message[:200], node)
+                outcome.retry_after_s = float(retry_after) if retry_after else None
+                return outcome
             if not stream:
                 answer = json.loads(response.read())
                 if answer.get("choices") and "message" in answer["choices"][0]:

@@ -25,7 +25,8 @@ from worker.engine import Engine, EngineSettings, GenerationCancelled
 from worker.errors import RequestError
 
 SSE_DONE = b"data: [DONE]\n\n"
-FLUSH_INTERVAL_S = 0.05
+FLUSH_INTERVAL_S = 0.05  # per decoding stream: more streams flush less often (_flush_interval)
+MIN_FLUSH_INTERVAL_S, MAX_FLUSH_INTERVAL_S = 0.1, 0.25
 CANCELLED_KEPT_S = 600.0  # a cancel may arrive while its request still waits in the queue
 REQUEST_THREADS = 32  # requests in the replica at once; the router admits slots + its queue
 
@@ -143,6 +144,10 @@ class ModelReplicaImpl:
     def stream_text(self, prompt: str, sampling: dict, request_id: str = "") -> Iterator:
         yield from self._stream(lambda e, stop: e.stream_text(prompt, sampling, stop), sampling, request_id)
 
+    def _flush_interval_s(self) -> float:
+        batch = self.engine.batch if self.engine is not None else None
+        return _flush_interval(batch.active if batch is not None else 1)
+
     def cancel(self, request_id: str) -> None:
         """The client went away: stop generating for it at the next token, or skip it if it
         still waits its turn."""
@@ -155,8 +160,8 @@ class ModelReplicaImpl:
     def _stream(self, start, sampling: dict, request_id: str) -> Iterator:
         """First item: {"error": ...} or b"" (accepted); then SSE bytes, ending with [DONE].
 
-        Tokens are sent in small batches (the first at once, then at most every
-        FLUSH_INTERVAL_S): on a small machine each message between processes costs the
+        Tokens are sent in small batches (the first at once, then every `_flush_interval`
+        seconds): on a small machine each message between processes costs the
         decoding threads more than the bytes are worth.
         """
         try:
@@ -175,7 +180,7 @@ class ModelReplicaImpl:
                 for event, has_content in _sse_events(chunks, sampling.get("include_usage")):
                     pending.append(event)
                     now = time.monotonic()
-                    if has_content and (last_flush is None or now - last_flush >= FLUSH_INTERVAL_S):
+                    if has_content and (last_flush is None or now - last_flush >= self._flush_interval_s()):
                         yield b"".join(pending)
                         pending.clear()
                         last_flush = now
@@ -186,6 +191,14 @@ class ModelReplicaImpl:
             self._served_one()
         finally:
             self.cancelled.pop(request_id, None)
+
+
+def _flush_interval(active: int) -> float:
+    """Seconds between a stream's messages: 10 a second for one or two streams, fewer as more
+    decode (at most 4 a second each): every message between processes costs the decoding
+    threads CPU on a small machine (3-5% of the tokens at 8 streams on 2 cores, measured by
+    tests/bench/replica_overhead.py). The first token always goes at once."""
+    return min(MAX_FLUSH_INTERVAL_S, max(MIN_FLUSH_INTERVAL_S, FLUSH_INTERVAL_S * active))
 
 
 def _sse_events(chunks: Iterator[dict], include_usage: bool) -> Iterator[tuple[bytes, bool]]:

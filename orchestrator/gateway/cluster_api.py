@@ -36,10 +36,11 @@ def cluster_routes(controller: Controller) -> APIRouter:
     @api.get("/readyz", tags=["probes"], response_model=Readiness,
              responses={503: {"model": Readiness, "description": "Not every model is ready or failed yet."}})
     async def readyz():
-        """Ready once every model is ready or failed, and one at least is ready."""
+        """Ready once every model is ready, failed or not loaded (it loads on its first
+        request), and one at least is ready or loads on request."""
         states = {name: controller.model_state(name)[0] for name in controller.models}
-        ready = bool(states) and all(s in ("ready", "failed") for s in states.values()) and any(
-            s == "ready" for s in states.values()
+        ready = bool(states) and all(s in ("ready", "failed", "not_loaded") for s in states.values()) and any(
+            s in ("ready", "not_loaded") for s in states.values()
         )
         return JSONResponse({"ready": ready, "models": states}, status_code=200 if ready else 503)
 

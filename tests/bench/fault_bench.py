@@ -1,9 +1,10 @@
 """Faults under traffic on the two-machine loopback lab (tests/chaos_lab.py). Prints JSON.
 
-    python -m tests.bench.fault_bench [--clients 4] [--fast-health-check]
+    python -m tests.bench.fault_bench [--clients 4] [--fast-health-check] [--wait-for-nodes-s S]
 
 The demo model (Gemma 3 270M) runs whole on laptop-1's card; a few clients chat with it
-all along (streamed and whole, in turn). Three faults, one after the other:
+all along (streamed and whole, in turn; a 503's Retry-After is waited out, at most 5 s).
+Three faults, one after the other:
 - replica_sigkill: its replica process is SIGKILLed;
 - node_sigstop: every process of laptop-1 is SIGSTOPped (the lid shut), then SIGCONTed
   (it wakes up) once the desktop serves the model;
@@ -56,6 +57,7 @@ from tests.support import child_env
 
 MODEL = "gemma"
 GOAL_ANSWERING_AGAIN_S = 20.0
+RETRY_AFTER_CAP_S = 5.0  # a client waits what a 503 asks, at most this
 SETTLE_S = 3.0  # traffic counted after recovery, before the next fault
 
 
@@ -77,7 +79,7 @@ class Traffic:
             with self._lock:
                 self.outcomes.append(outcome)
             stream = not stream
-            time.sleep(0.2)
+            time.sleep(min(max(0.2, outcome.retry_after_s or 0.0), RETRY_AFTER_CAP_S))  # as a polite client
 
     def start(self) -> None:
         for thread in self._threads:

@@ -38,3 +38,9 @@ def test_retry_after_grows_with_the_queue_and_stays_bounded():
     assert overload_retry_after_s(1, 4) == 1
     assert overload_retry_after_s(8, 1) == 16
     assert overload_retry_after_s(1000, 1) == 30
+
+
+def test_a_replica_flushes_streams_less_often_as_more_decode():
+    from worker.replica import _flush_interval
+
+    assert [_flush_interval(n) for n in (1, 2, 4, 8, 64)] == [0.1, 0.1, 0.2, 0.25, 0.25]
