@@ -20,6 +20,7 @@ import time
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
+from orchestrator.core.eviction import Evictable, freed_snapshots
 from orchestrator.core.placement import place
 from orchestrator.core.placement_types import Assignment
 
@@ -78,10 +79,8 @@ class Rebalance:
 
     def _snapshots_without(self, records: list) -> list:
         """The ledger's nodes with these replicas' memory given back."""
-        from orchestrator.core.eviction import Evictable, _freed
-
         gone = [Evictable(r.assignment, 0.0, None, *self._freed_by(r)) for r in records]
-        return _freed(self._ledger_snapshots(), gone)
+        return freed_snapshots(self._ledger_snapshots(), gone)
 
     def _start_move(self, record: ReplicaRecord, target: Assignment) -> bool:
         node = next((n for n in self.nodes.values() if n.alive and n.name == target.node), None)

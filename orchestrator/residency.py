@@ -28,7 +28,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from orchestrator.core.eviction import Evictable, RoomPlan, expired, expiry_reason, plan_room
-from orchestrator.core.keep_alive import describe_keep_alive, parse_keep_alive
+from orchestrator.core.keep_alive import parse_keep_alive
 from orchestrator.core.placement_types import Assignment, ModelDemand, NodeSnapshot, Unplaced
 from worker.errors import RequestError
 
@@ -182,8 +182,8 @@ class Residency:
         for r in self.replicas.values():
             if r.model != name:
                 continue
-            if r.fetching and r.transfer is not None and r.transfer.size_bytes:
-                return r.state, int(100 * r.transfer.bytes_done / r.transfer.size_bytes), reason
+            if r.fetching and r.transfer is not None and r.transfer.percent is not None:
+                return r.state, int(r.transfer.percent), f"to {r.node_name}"
             if r.state == "loading":
                 progress = r.info.get("load_progress")
                 return "loading", int(100 * progress) if progress is not None else None, f"on {r.node_name}"
@@ -339,9 +339,8 @@ class Residency:
     # ---- the ledger ----------------------------------------------------------------------
     def _held_by(self, r: ReplicaRecord) -> tuple[int, int]:
         """(VRAM, RAM) bytes a replica holds that its node's measured figures do not show."""
-        node = self.nodes.get(r.node_id)
         a = r.assignment
-        declared = node is None or node.hardware is None or node.hardware.source == "file"
+        declared = self._declared(r)
         loading = r.state in LOADING_STATES
         memory = r.info.get("memory") or {}
         vram = 0
@@ -354,14 +353,17 @@ class Residency:
             ram = max(0, a.ram_bytes - int(memory.get("rss_anon_bytes") or 0))
         return vram, ram
 
+    def _declared(self, r: ReplicaRecord) -> bool:
+        """Whether its node's figures are declared (a hardware file), so never show the replica."""
+        node = self.nodes.get(r.node_id)
+        return node is None or node.hardware is None or node.hardware.source == "file"
+
     def _freed_by(self, r: ReplicaRecord) -> tuple[int, int]:
         """(VRAM, RAM) bytes unloading a ready replica gives back: shown and held together."""
         a = r.assignment
         memory = r.info.get("memory") or {}
         vram = (memory.get("vram_bytes") or a.gpu_bytes) if a.gpu_index is not None else 0
-        node = self.nodes.get(r.node_id)
-        declared = node is None or node.hardware is None or node.hardware.source == "file"
-        ram = a.ram_bytes if declared else max(a.ram_bytes, int(memory.get("rss_anon_bytes") or 0))
+        ram = a.ram_bytes if self._declared(r) else max(a.ram_bytes, int(memory.get("rss_anon_bytes") or 0))
         return vram, ram
 
     def _ledger_snapshots(self) -> list[NodeSnapshot]:
@@ -385,13 +387,6 @@ class Residency:
     # ---- events --------------------------------------------------------------------------
     def record_event(self, kind: str, model: str, node: str | None, reason: str) -> None:
         self.events.append({"at": time.time(), "kind": kind, "model": model, "node": node, "reason": reason})
-
-    def residency_text(self, name: str) -> str | None:
-        """'unloads in 12m' / 'stays loaded' for a ready model."""
-        seconds = self.unloads_in_s(name)
-        if seconds is None:
-            return "stays loaded"
-        return f"unloads in {describe_keep_alive(round(seconds)) if seconds >= 1 else 'under a second'}"
 
 
 # Fields that change nothing a running replica was started with: applied without a reload.

@@ -14,7 +14,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from orchestrator.cluster_view import ClusterView, ModelView, NodeView
-from orchestrator.core.hardware import GIB, MIB, GpuInfo, format_bytes
+from orchestrator.core.hardware import GIB, MIB, GpuInfo, format_bytes, format_duration
 from orchestrator.core.store_types import TransferProgress
 
 DEFAULT_WIDTH = 100
@@ -135,16 +135,8 @@ def _add_model_rows(table: _Table, model: ModelView, width: int) -> None:
     if model.reason and model.reason not in replica_reasons and not repeats_progress:
         table.add_notes(_reason_notes(model.reason, width))
     if model.state == "ready" and model.unloads_in_s is not None:  # like `ollama ps`
-        table.add_notes([REASON_INDENT + f"unloads in {_duration(model.unloads_in_s)} if idle"])
+        table.add_notes([REASON_INDENT + f"unloads in {format_duration(model.unloads_in_s)} if idle"])
 
-
-def _duration(seconds: float) -> str:
-    seconds = int(seconds)
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m"
-    if seconds >= 60:
-        return f"{seconds // 60}m"
-    return f"{seconds}s"
 
 
 # ----------------------------------------------------------------------------- cells
@@ -188,7 +180,7 @@ def _progress_text(t: TransferProgress) -> str:
         if t.rate_bytes_per_s:
             text += f" at {_rate_text(t.rate_bytes_per_s)}"
         if t.eta_s is not None:
-            text += f", about {_age_text(t.eta_s)} left"
+            text += f", about {format_duration(t.eta_s)} left"
     if t.attempt > 1:
         text += f" (attempt {t.attempt})"
     return text
@@ -207,19 +199,9 @@ def _counts_suffix(counts: Counter, order: tuple[str, ...]) -> str:
 
 def _node_state_lines(node: NodeView, now: float) -> list[str]:
     if node.state == "gone" and node.reported_at is not None:
-        return ["gone", f"seen {_age_text(now - node.reported_at)} ago"]
+        return ["gone", f"seen {format_duration(now - node.reported_at)} ago"]
     return [node.state]
 
-
-def _age_text(seconds: float) -> str:
-    seconds = max(0, int(seconds))
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m"
-    if seconds < 86400:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    return f"{seconds // 86400}d"
 
 
 def _cpu_text(node: NodeView) -> str:

@@ -36,7 +36,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from itertools import combinations
 
-from orchestrator.core.hardware import format_bytes
+from orchestrator.core.hardware import format_bytes, format_duration
 from orchestrator.core.keep_alive import describe_keep_alive
 from orchestrator.core.placement import place
 from orchestrator.core.placement_types import (
@@ -109,7 +109,7 @@ def plan_room(
     def attempt(victims: Sequence[Evictable]) -> Assignment | Unplaced:
         gone = {_key(v.assignment) for v in victims}
         result = place(
-            _freed(nodes, victims), [demand], [a for a in current if _key(a) not in gone], reserved, margins
+            freed_snapshots(nodes, victims), [demand], [a for a in current if _key(a) not in gone], reserved, margins
         )
         return result.assignments[0] if result.assignments else result.unplaced[0]
 
@@ -138,7 +138,7 @@ def expired(evictable: Sequence[Evictable], now: float) -> list[Evictable]:
 
 def expiry_reason(e: Evictable, now: float) -> str:
     """'unloaded coder (idle 31m, keep_alive 30m) on laptop-1'."""
-    return (f"unloaded {_label(e.assignment)} (idle {_idle(now - e.last_used)}, "
+    return (f"unloaded {_label(e.assignment)} (idle {format_duration(now - e.last_used)}, "
             f"keep_alive {describe_keep_alive(e.keep_alive_s)}) on {e.assignment.node}")
 
 
@@ -158,7 +158,7 @@ def _victim_sets(on_node: list[Evictable]) -> Iterator[list[Evictable]]:
             yield [on_node[i] for i in indices]
 
 
-def _freed(nodes: Sequence[NodeSnapshot], victims: Sequence[Evictable]) -> list[NodeSnapshot]:
+def freed_snapshots(nodes: Sequence[NodeSnapshot], victims: Sequence[Evictable]) -> list[NodeSnapshot]:
     """The snapshots as they will be once `victims` are unloaded (free figures capped at totals)."""
     if not victims:
         return list(nodes)
@@ -209,7 +209,7 @@ def _reason(
     needs 5.5 GiB VRAM for 32 layers, 2.2 GiB usable (3.0 GiB free)'."""
     held = format_bytes(victim.freed_gpu_bytes) + " VRAM" if victim.freed_gpu_bytes else \
         format_bytes(victim.freed_ram_bytes) + " RAM"
-    head = (f"unloaded {_label(victim.assignment)} (idle {_idle(now - victim.last_used)}, {held}) "
+    head = (f"unloaded {_label(victim.assignment)} (idle {format_duration(now - victim.last_used)}, {held}) "
             f"on {victim.assignment.node} to make room for {_label(landed)}")
     return f"{head}: {_shortage(demand, landed, nodes, reserved, margins)}"
 
@@ -247,11 +247,3 @@ def _label(a: Assignment) -> str:
     return a.model if a.replica == 0 else f"{a.model} replica {a.replica}"
 
 
-def _idle(seconds: float) -> str:
-    """45s, 12m, 2h05m."""
-    s = max(0, int(seconds))
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m"
-    return f"{s // 3600}h{(s % 3600) // 60:02d}m"

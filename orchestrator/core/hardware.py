@@ -70,6 +70,18 @@ class NodeHardware(BaseModel):
         return sum(int(g.vram_total_bytes) for g in self.gpus)
 
 
+def format_duration(seconds: float) -> str:
+    """45s, 12m, 2h05m, 3d: whole units, for people."""
+    s = max(0, int(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d"
+
+
 def format_bytes(n: int | float | None) -> str:
     """1.5 GiB / 300 MiB, the way the CLI and reasons print memory."""
     if n is None:
