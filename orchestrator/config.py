@@ -83,7 +83,7 @@ class ClusterConfig(_Strict):
     wait_for_nodes: list[str] = Field(
         default_factory=list,
         description="Nodes to wait for before the first placement, so models land on the machines meant "
-        "for them rather than on whichever joined first (running replicas are not moved later).",
+        "for them rather than on whichever joined first (later, `rebalance` moves them back when a machine returns).",
     )
     wait_for_nodes_s: float = Field(120.0, ge=0, description="How long to wait for them before placing anyway.")
     keep_free_disk_gib: float = Field(
