@@ -8,7 +8,7 @@ import sys
 
 # Subcommand modules; each exposes register(subparsers) and sets func=run(args) -> int
 # (manage registers five: load, unload, reload, drain, undrain).
-COMMANDS = ("up", "join", "token", "status", "chat", "plan", "fit", "pull", "models", "manage")
+COMMANDS = ("up", "join", "token", "status", "events", "chat", "plan", "fit", "pull", "models", "manage")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -53,6 +53,8 @@ class ReplicaView(BaseModel):
     in_flight: int = 0
     slots: int = Field(1, description="Requests it decodes at once.")
     requests_served: int = 0
+    prompt_tokens: int = Field(0, description="Prompt tokens of the requests it served (from their `usage`).")
+    completion_tokens: int = Field(0, description="Answer tokens it generated for the requests it served.")
     transfer: TransferProgress | None = Field(None, description="Its file coming to the node (copying/downloading).")
 
     @computed_field  # the closed loop: how far the estimate was from what the replica really uses
@@ -103,8 +105,10 @@ class ModelView(BaseModel):
 
 
 class EventView(BaseModel):
+    id: int = Field(..., description="Grows by one with each event: `GET /api/events?since=ID` gives the newer ones.")
     at: float = Field(..., description="Unix time.")
-    kind: str = Field(..., description="load_requested, loaded, unloaded, idle_unload, evicted, ...")
+    kind: str = Field(..., description="placed, copied, loaded, evicted, idle_unload, node_gone, node_back, crashed, "
+                      "moved, waking, ...")
     model: str
     node: str | None = None
     reason: str

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from orchestrator.cluster_view import ClusterView
 from orchestrator.config import HomefleetConfig, ModelConfig
 from orchestrator.controller_view import cluster_view
-from orchestrator.core.hardware import GIB, NodeHardware
+from orchestrator.core.hardware import GIB, NodeHardware, format_bytes
 from orchestrator.core.placement import (
     Assignment,
     NodeSnapshot,
@@ -24,6 +24,7 @@ from orchestrator.core.placement import (
     place,
     snapshot_from_hardware,
 )
+from orchestrator.core.routing import reconciled_in_flight
 from orchestrator.core.store_types import StoreReport, TransferProgress
 from orchestrator.demand import demands_for
 from orchestrator.copy_flow import CopyFlow, transfer_text
@@ -80,7 +81,11 @@ class ReplicaRecord:
     reason: str | None = None
     info: dict = field(default_factory=dict)
     in_flight: int = 0
+    flight_epoch: int = 0  # bumped when the count is reconciled: releases of older flights are void
+    flights_changed_at: float = field(default_factory=time.monotonic)  # last acquire or release
     served: int = 0
+    prompt_tokens: int = 0  # of the requests it served, from their `usage` (counted by the gateway)
+    completion_tokens: int = 0
     transfer: TransferProgress | None = None  # while its file comes to the node
     transfer_started_at: float | None = None
 
@@ -186,6 +191,7 @@ class Controller(CopyFlow, Residency, Drain, ReplicaFaults, Rebalance, WakeOnLan
     # ---- observe -----------------------------------------------------------------------
     async def _refresh_nodes(self) -> None:
         seen = set()
+        was_alive = {node_id for node_id, record in self.nodes.items() if record.alive}
         for node in await asyncio.to_thread(self.cluster.list_nodes):
             seen.add(node.node_id)
             record = self.nodes.get(node.node_id)
@@ -202,12 +208,20 @@ class Controller(CopyFlow, Residency, Drain, ReplicaFaults, Rebalance, WakeOnLan
         for node_id, record in self.nodes.items():
             if node_id not in seen:
                 record.alive = False
+            if node_id in was_alive and not record.alive:
+                self._record_node_gone(record, "not seen by Ray" if node_id not in seen else "Ray reports it dead")
         for key, replica in list(self.replicas.items()):
             node = self.nodes.get(replica.node_id)
             if node is None or not node.alive:
                 log.warning("node %s is gone: %s will be placed again", replica.node_name, replica.replica_id)
                 del self.replicas[key]
                 await self._kill(replica.handle)
+
+    def _record_node_gone(self, node: NodeRecord, why: str) -> None:
+        name = node.name or node.node_id
+        on_it = sorted(r.replica_id for r in self.replicas.values() if r.node_id == node.node_id)
+        then = f"; {', '.join(on_it)} will be placed again" if on_it else ""
+        self.record_event("node_gone", "*", name, f"{name} ({node.address}) left the cluster: {why}{then}")
 
     def _returning(self, node) -> NodeRecord | None:
         """A machine back under its name (a laptop waking up gets a new Ray node): its old
@@ -266,6 +280,20 @@ class Controller(CopyFlow, Residency, Drain, ReplicaFaults, Rebalance, WakeOnLan
                 continue
             replica.info = info
             self._calibrate_speed(replica)
+            self._reconcile_flights(replica)
+
+    def _reconcile_flights(self, replica: ReplicaRecord) -> None:
+        """A slot that a lost path never released is given back (orchestrator/core/routing.py)."""
+        quiet = time.monotonic() - replica.flights_changed_at
+        corrected = reconciled_in_flight(replica.in_flight, replica.info.get("requests_in_progress"), quiet)
+        if corrected is None:
+            return
+        why = f"the gateway counted {replica.in_flight} request(s) in flight that the replica does not hold"
+        log.warning("%s: %s; count reset to %d", replica.replica_id, why, corrected)
+        self.record_event("reconciled", replica.model, replica.node_name, why)
+        replica.in_flight = corrected
+        replica.flight_epoch += 1
+        replica.flights_changed_at = time.monotonic()
 
     def _calibrate_speed(self, replica: ReplicaRecord) -> None:
         """A node's decode speed as its replicas measure it, against the bandwidth prediction."""
@@ -463,6 +491,8 @@ class Controller(CopyFlow, Residency, Drain, ReplicaFaults, Rebalance, WakeOnLan
             self._start_replica(model, assignment, node, held.path)
         else:
             self._start_copy(model, assignment, node)
+        if key in self.replicas:  # a copy that cannot start yet is placed again next tick
+            self.record_event("placed", model.name, node.name, _placement_reason(assignment, held is not None))
 
     def _start_replica(self, model: ModelConfig, assignment: Assignment, node: NodeRecord, path: str,
                        transfer: TransferProgress | None = None) -> None:
@@ -539,7 +569,8 @@ class Controller(CopyFlow, Residency, Drain, ReplicaFaults, Rebalance, WakeOnLan
         self.states_changed()
         if record.state == "ready":
             self.record_event("loaded", record.model, record.node_name,
-                              f"{record.replica_id} ready in {info.get('load_seconds', 0):.1f} s")
+                              f"{record.replica_id} ready in {info.get('load_seconds', 0):.1f} s",
+                              seconds=info.get("load_seconds"))
         if record.state == "failed":
             # Stays failed with its reason; the other models keep serving.
             log.warning("%s failed: %s", record.replica_id, record.reason)
@@ -600,6 +631,20 @@ class Controller(CopyFlow, Residency, Drain, ReplicaFaults, Rebalance, WakeOnLan
     def unplaced_reason(self, model: str) -> str | None:
         miss = self.unplaced.get(model)
         return "not placed: " + miss.summary if miss else None
+
+
+def _placement_reason(a: Assignment, holds_file: bool) -> str:
+    """'gemma#0 on desktop: whole on GPU 0 (1.2 GiB VRAM), 2 slots; the node holds its file'."""
+    if a.kind == "gpu":
+        where = f"whole on GPU {a.gpu_index} ({format_bytes(a.gpu_bytes)} VRAM)"
+    elif a.kind == "split":
+        where = (f"{a.gpu_layers}/{a.n_layers} layers on GPU {a.gpu_index} ({format_bytes(a.gpu_bytes)} VRAM), "
+                 f"the rest in RAM ({format_bytes(a.ram_bytes)})")
+    else:
+        where = f"on the CPU ({format_bytes(a.ram_bytes)} RAM)"
+    slots = f"{a.parallel} slot{'s' if a.parallel != 1 else ''}"
+    file = "the node holds its file" if holds_file else "its file is copied there first"
+    return f"{a.model}#{a.replica} on {a.node}: {where}, {slots}; the best fit the placement rules found; {file}"
 
 
 def _shape_problem(model: ModelConfig, exc: Exception) -> str:

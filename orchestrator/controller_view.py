@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from orchestrator.cluster_view import ClusterView, EventView, ModelFileView, ModelView, NodeView, ReplicaView
 from orchestrator.core.keep_alive import describe_keep_alive
 
-EVENTS_SHOWN = 50
+EVENTS_SHOWN = 100  # placements are events too: room for as many loads and unloads as before
 
 if TYPE_CHECKING:
     from orchestrator.controller import Controller, ReplicaRecord
@@ -70,7 +70,7 @@ def cluster_view(controller: Controller) -> ClusterView:
                 waiting=controller.waiting.get(model.name, 0),
             )
         )
-    events = [EventView(**e) for e in list(controller.events)[-EVENTS_SHOWN:]]
+    events = [EventView(**e) for e in controller.events.since(limit=EVENTS_SHOWN)]
     return ClusterView(nodes=nodes, models=models, events=events, generated_at=time.time())
 
 
@@ -94,5 +94,7 @@ def _replica_view(r: ReplicaRecord) -> ReplicaView:
         in_flight=r.in_flight,
         slots=r.slots,
         requests_served=r.served,
+        prompt_tokens=r.prompt_tokens,
+        completion_tokens=r.completion_tokens,
         transfer=r.transfer,
     )

@@ -75,6 +75,7 @@ class CopyFlow:
                 return
             log.info("%s: %s is on %s (sha256 %s...)", record.replica_id, progress.name, record.node_name,
                      (progress.sha256 or "")[:12])
+            self._record_copied(record, progress)
             self.replicas.pop(key, None)
             self._start_replica(self.models[record.model], record.assignment, node, progress.path, transfer=progress)
         elif progress.state == "failed":
@@ -87,6 +88,17 @@ class CopyFlow:
             self.replicas.pop(key, None)
         else:
             record.state = "copying" if progress.kind == "copy" else "downloading"
+
+    def _record_copied(self, record: ReplicaRecord, progress: TransferProgress) -> None:
+        seconds = time.monotonic() - record.transfer_started_at if record.transfer_started_at else None
+        size = progress.total_bytes or progress.bytes_done
+        verb = "downloaded" if progress.kind == "download" else "copied"
+        took = f" in {seconds:.1f} s" if seconds is not None else ""
+        rate = f" ({format_bytes(size / seconds)}/s)" if seconds else ""
+        sha = f", sha256 {progress.sha256[:12]}..." if progress.sha256 else ""
+        self.record_event("copied", record.model, record.node_name,
+                          f"{progress.name} {verb} to {record.node_name} from {progress.source or '?'}: "
+                          f"{format_bytes(size)}{took}{rate}{sha}", seconds=seconds, bytes=size, method=progress.kind)
 
     def _copies_served_by_node(self) -> Counter:
         """How many copies each node is the source of now (copies prefer the least busy)."""

@@ -15,6 +15,11 @@ Decode speed: generating a token reads every weight it uses once (the blocks and
 output layer; the embedding only one row), the GPU part at the card's memory bandwidth and
 the CPU part at the RAM bandwidth, each at an efficiency below the peak; a per-node factor
 calibrates a machine against a measured figure.
+
+Across machines: where no node holds the model whole on its GPU and two or more nodes have
+llama.cpp's RPC (`rpc`), the report also plans a split of its layers across their GPUs
+(orchestrator/core/rpc_split.py) and says whether it beats the best single node, and by how
+much, in tokens/s.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from orchestrator.core.estimate import EstimateOptions, MemoryEstimate, estimate
 from orchestrator.core.hardware import GpuInfo, NodeHardware, format_bytes
 from orchestrator.core.model_shape import ModelShape
 from orchestrator.core.placement import DEFAULT_MARGINS, DEFAULT_MAX_SLOTS, Margins
+from orchestrator.core.rpc_split import DEFAULT_LINK, Link, SplitGpu, SplitPlan, plan_split, split_wins
 
 GPU_DECODE_EFFICIENCY = 0.7  # share of peak VRAM bandwidth llama.cpp's decode reaches
 CPU_DECODE_EFFICIENCY = 0.55  # share of peak RAM bandwidth (dual-channel DDR4/DDR5)
@@ -61,6 +67,9 @@ class FitReport:
     cpu_only: MemoryEstimate
     nodes: tuple[NodeFit, ...]
     max_slots: int = 1  # the most slots a node was given (per node: NodeFit.n_slots)
+    split: SplitPlan | str | None = None  # across RPC-capable nodes' GPUs, or why not; None: not considered
+    split_taken: bool = False
+    split_why: str | None = None
 
 
 def usable_vram_bytes(gpu: GpuInfo, margins: Margins = DEFAULT_MARGINS) -> int:
@@ -193,11 +202,40 @@ def fit_report(
         fit_node(shape, opts, n, margins, (calibrations or {}).get(n.name, 1.0), needs(opts.n_slots), max_slots, needs)
         for n in nodes
     )
+    split, taken, why = _rpc_split(shape, opts, nodes, fits, margins, calibrations or {}, needs(opts.n_slots))
     return FitReport(
         model=shape.name, source=source, shape=shape, options=opts,
         whole_gpu=estimate(shape, shape.n_layers + 1, opts, gpu=True),
         cpu_only=estimate(shape, 0, opts, gpu=False), nodes=fits, max_slots=max(max_slots, opts.n_slots),
+        split=split, split_taken=taken, split_why=why,
     )
+
+
+def node_link(node: NodeHardware) -> Link:
+    """A node's path to the head, as measured or declared; a wired gigabit LAN otherwise."""
+    return Link(rtt_s=node.link_rtt_ms / 1000 if node.link_rtt_ms else DEFAULT_LINK.rtt_s,
+                bytes_per_s=node.link_mbps * 1e6 / 8 if node.link_mbps else DEFAULT_LINK.bytes_per_s)
+
+
+def split_gpus(nodes: Sequence[NodeHardware], margins: Margins = DEFAULT_MARGINS) -> list[SplitGpu]:
+    return [SplitGpu(n.name, g.index, g.name, usable_vram_bytes(g, margins), g.memory_bandwidth_gbps, node_link(n))
+            for n in nodes if n.rpc for g in n.gpus]
+
+
+def _rpc_split(shape: ModelShape, opts: EstimateOptions, nodes: Sequence[NodeHardware], fits: Sequence[NodeFit],
+               margins: Margins, calibrations: Mapping[str, float], need) -> tuple[SplitPlan | str | None, bool, str | None]:
+    """A split across machines where no node holds the model whole on its GPU (None: not
+    considered), whether it is taken over the best single node, and why. Both at opts.n_slots
+    slots: more slots leave a single node fewer GPU layers (and less speed)."""
+    if any(f.verdict == "gpu" for f in fits) or sum(1 for n in nodes if n.rpc and n.gpus) < 2:
+        return None, False, None
+    split = plan_split(shape, opts, split_gpus(nodes, margins))
+    if isinstance(split, str):
+        return split, False, split
+    alone = [_fit_at(shape, opts, n, margins, calibrations.get(n.name, 1.0), need) for n in nodes]
+    single = max((f.tokens_per_s for f in alone if f.verdict != "none" and f.tokens_per_s), default=None)
+    taken, why = split_wins(split, single)
+    return split, taken, why
 
 
 def host_need_bytes(e: MemoryEstimate) -> int:
@@ -242,6 +280,13 @@ def render_fit(r: FitReport) -> str:
     for n in r.nodes:
         speed = f"~{n.tokens_per_s:.0f} tokens/s" if n.tokens_per_s else ""
         lines.append(f"  {n.node:{width}}{n.summary}" + (f"  [{speed}]" if speed else ""))
+    if isinstance(r.split, SplitPlan):
+        lines += ["", f"  across machines (llama.cpp RPC): {r.split.describe()}",
+                  "    " + ", ".join(f"{p.node} {format_bytes(p.gpu_bytes)} of {format_bytes(p.usable_vram_bytes)} "
+                                     f"usable VRAM" for p in (r.split.parts[-1], *r.split.parts[:-1])),
+                  f"    {r.split_why}"]
+    elif r.split is not None:
+        lines += ["", f"  across machines (llama.cpp RPC): no split: {r.split}"]
     return "\n".join(lines)
 
 
@@ -258,7 +303,18 @@ def fit_to_dict(r: FitReport) -> dict:
         "kv_type": r.options.kv_type, "flash_attn": r.options.flash_attn,
         "whole_gpu": est(r.whole_gpu), "cpu_only": est(r.cpu_only),
         "nodes": [vars(n) | {} for n in r.nodes],
+        "rpc_split": _split_dict(r),
     }
+
+
+def _split_dict(r: FitReport) -> dict | None:
+    if r.split is None:
+        return None
+    if isinstance(r.split, str):
+        return {"taken": False, "why": r.split, "parts": []}
+    return {"taken": r.split_taken, "why": r.split_why, "describe": r.split.describe(),
+            "tokens_per_s": r.split.tokens_per_s, "network_ms_per_token": r.split.network_s_per_token * 1000,
+            "parts": [vars(p) | {} for p in r.split.parts]}
 
 
 def calibrate_speed(

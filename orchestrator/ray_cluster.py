@@ -68,6 +68,14 @@ class RayProcess:
             pass  # it ended on its own meanwhile
 
 
+# `ray start`, run so that it never starts Ray Client's server (port 10001 on the node's
+# address: a way into the cluster homefleet does not use). Ray starts it whenever grpcio is
+# importable and has no switch to turn it off; so grpc is hidden from the `ray start`
+# process alone (its raylet, GCS and workers are processes of their own and unaffected).
+HIDE_GRPC = "import sys; sys.modules['grpc'] = None; "
+RAY_START_WITHOUT_CLIENT_SERVER = HIDE_GRPC + "sys.argv[0] = 'ray'; from ray.scripts.scripts import main; main()"
+
+
 def _ray_start(args: list[str], env_updates: dict[str, str], log_path: Path | None) -> subprocess.Popen:
     env = {**os.environ, **env_updates}
     env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -78,7 +86,7 @@ def _ray_start(args: list[str], env_updates: dict[str, str], log_path: Path | No
     env.setdefault("RAY_worker_niceness", "0")
     # A busy laptop can take longer than Ray's 30 s to register its raylet.
     env.setdefault("RAY_raylet_start_wait_time_s", "120")
-    cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--block", "--disable-usage-stats", *args]
+    cmd = [sys.executable, "-c", RAY_START_WITHOUT_CLIENT_SERVER, "start", "--block", "--disable-usage-stats", *args]
     if log_path is None:
         return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
     with open(log_path, "ab") as out:  # the child keeps its own copy of the descriptor

@@ -6,11 +6,12 @@ After a join (once the node has reported, `REBALANCE_SETTLE_S` later), the rules
 ready replica afresh, as if none ran (their memory given back). A replica moves when that
 ideal gives it a better kind (whole on a GPU over a split, a split over the CPU), more GPU
 layers, or, whole on a GPU either way, another card (the rules' smaller card: a small model
-gives the 16 GB card back); and only where it fits *now*, beside everything running, on a
-node that holds its file. The new replica loads while the old one serves; once it is ready,
-routing switches to it and the old one stops when its last request ends. One move at a
-time; a move that fails to load leaves the old replica serving. `cluster.rebalance: false`
-turns it off.
+gives the 16 GB card back); and only where it fits *now*, beside everything running. A
+better node that lacks the file gets a copy first (from a peer, or the model's `url`) while
+the old replica serves, and the move follows once the node reports the file. The new
+replica loads while the old one serves; once it is ready, routing switches to it and the
+old one stops when its last request ends. One move at a time; a move that fails to load
+leaves the old replica serving. `cluster.rebalance: false` turns it off.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import time
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
+from orchestrator.copy_flow import TRANSFER_LOST_S
 from orchestrator.core.eviction import Evictable, freed_snapshots
 from orchestrator.core.placement import place
 from orchestrator.core.placement_types import Assignment
@@ -29,6 +31,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 REBALANCE_SETTLE_S = 5.0  # after a join: let the node report and the loads settle
+FETCH_CHECK_S = 5.0  # while a file travels to a move's target: look again this often
 KIND_RANK = {"gpu": 0, "split": 1, "cpu": 2}
 
 
@@ -48,6 +51,7 @@ class Rebalance:
         self.moves: dict[tuple[str, int], ReplicaRecord] = {}  # key -> the new replica, loading
         self.retiring: list[ReplicaRecord] = []  # moved away from: stop once idle
         self._rebalance_at: float | None = None
+        self.move_fetches: dict[tuple[str, str], tuple[str, float]] = {}  # (model, node) -> its copy's id, start
 
     def node_joined(self) -> None:
         if self.config.cluster.rebalance:
@@ -74,7 +78,7 @@ class Rebalance:
             if not now.assignments or not better(now.assignments[0], record.assignment):
                 continue  # it does not fit there beside what runs now
             if self._start_move(record, now.assignments[0]):
-                self._rebalance_at = time.monotonic()  # after this move, look for the next one
+                self._rebalance_at = self._rebalance_at or time.monotonic()  # then look for the next one
                 return
 
     def _snapshots_without(self, records: list) -> list:
@@ -86,8 +90,19 @@ class Rebalance:
         node = next((n for n in self.nodes.values() if n.alive and n.name == target.node), None)
         held = self.files.holders(record.model).get(target.node)
         model = self.models.get(record.model)
-        if node is None or held is None or model is None:
+        if node is None or model is None:
             return False
+        if held is None:
+            return self._fetch_for_move(record, model, node)
+        fetched = self.move_fetches.pop((record.model, target.node), None)
+        if fetched is not None:
+            transfer_id, started = fetched
+            progress = node.transfers.get(transfer_id)
+            seconds = time.monotonic() - started
+            self.record_event("copied", record.model, node.name,
+                              f"{held.name} copied to {node.name} for a move, in {seconds:.1f} s",
+                              seconds=seconds, bytes=progress.total_bytes if progress else None,
+                              method=progress.kind if progress else None)
         new = self._new_replica(model, target, node, held.path)
         key = (record.model, record.index)
         self.moves[key] = new
@@ -96,6 +111,35 @@ class Rebalance:
         log.info(why)
         self.record_event("moving", record.model, target.node, why)
         self._spawn(self._load_move(key, record, new))
+        return True
+
+    def _fetch_for_move(self, record: ReplicaRecord, model, node) -> bool:
+        """The better node lacks the file: copy it there (once), and look again until the node
+        reports it. True while the copy runs (no other move starts meanwhile)."""
+        key = (record.model, node.name)
+        if key in self.move_fetches:
+            transfer_id, started = self.move_fetches[key]
+            progress = node.transfers.get(transfer_id)
+            lost = progress is None and time.monotonic() - started > TRANSFER_LOST_S
+            if lost or (progress is not None and progress.state in ("failed", "cancelled")):
+                detail = "its node no longer reports it" if lost else progress.error or progress.state
+                why = f"copying {record.model}'s file to {node.name} for a move failed: {detail}"
+                log.warning(why)
+                self.record_event("move_abandoned", record.model, node.name, why)
+                del self.move_fetches[key]  # a later join tries again
+                return False
+            self._rebalance_at = time.monotonic() + FETCH_CHECK_S  # copying, or done and not yet reported
+            return True
+        spec = self.files.transfer_spec(model, node.name)
+        if isinstance(spec, str) or node.agent is None:
+            return False  # no source for now (e.g. still hashing); the next join looks again
+        self.move_fetches[key] = (spec.transfer_id, time.monotonic())
+        why = f"{node.name} fits {record.replica_id} better than {record.node_name}: copying {spec.name} there " \
+              f"first from {spec.sources[0].label}"
+        log.info(why)
+        self.record_event("fetching_for_move", record.model, node.name, why)
+        self._spawn(self.cluster.start_transfer(node.agent, spec.as_dict()))
+        self._rebalance_at = time.monotonic() + FETCH_CHECK_S
         return True
 
     async def _load_move(self, key: tuple[str, int], old: ReplicaRecord, new: ReplicaRecord) -> None:
@@ -114,7 +158,8 @@ class Rebalance:
         old.state, old.reason = "unloading", f"moved to {new.node_name}"
         self.retiring.append(old)
         self.record_event("moved", new.model, new.node_name,
-                          f"{new.replica_id} moved from {old.node_name} to {new.node_name}")
+                          f"{new.replica_id} moved from {old.node_name} to {new.node_name}",
+                          seconds=info.get("load_seconds"))  # its load, for the load-duration histogram
         self.states_changed()
         await self._stop_retired()
 

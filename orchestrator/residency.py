@@ -23,13 +23,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from orchestrator.core.eviction import Evictable, RoomPlan, expired, expiry_reason, plan_room
 from orchestrator.core.keep_alive import parse_keep_alive
 from orchestrator.core.placement_types import Assignment, ModelDemand, NodeSnapshot, Unplaced
+from orchestrator.event_log import EVENTS_KEPT, EventLog
 from worker.errors import RequestError
 
 if TYPE_CHECKING:
@@ -38,7 +38,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAKING_ROOM_GRACE_S = 15.0  # after an eviction, how long a model may wait for the memory to show as free
-EVENTS_KEPT = 500
 LOADING_STATES = ("loading", "copying", "downloading")
 
 
@@ -51,7 +50,7 @@ class Residency:
         self.loaded_on_request: set[str] = set()  # `always` models unloaded, then wanted again by a request
         self.cannot_place: dict[str, Unplaced] = {}  # wanted, yet fits nowhere even with room made
         self.room_made_at: dict[str, float] = {}
-        self.events: deque[dict] = deque(maxlen=EVENTS_KEPT)
+        self.events = EventLog(EVENTS_KEPT)  # orchestrator/event_log.py: ids for `since=`
         self._changed: asyncio.Event | None = None
         self._wake: asyncio.Event | None = None
 
@@ -385,8 +384,9 @@ class Residency:
         return out
 
     # ---- events --------------------------------------------------------------------------
-    def record_event(self, kind: str, model: str, node: str | None, reason: str) -> None:
-        self.events.append({"at": time.time(), "kind": kind, "model": model, "node": node, "reason": reason})
+    def record_event(self, kind: str, model: str, node: str | None, reason: str, **facts: object) -> None:
+        """One line of the event log; `facts` (seconds, bytes) feed the metrics' histograms."""
+        self.events.record(kind, model, node, reason, **facts)
 
 
 # Fields that change nothing a running replica was started with: applied without a reload.

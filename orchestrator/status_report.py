@@ -56,6 +56,23 @@ MODEL_STATE_ORDER = ("ready", "waking", "loading", *FETCHING_STATES, "unloading"
 GPU_NAME_PREFIXES = ("NVIDIA ", "GeForce ")
 
 
+# `status --watch` on a terminal: cursor home, each line cleared to its end as it is written
+# over the last frame, the rest of the screen cleared below; so the frame never flickers blank.
+HOME, CLEAR_LINE_END, CLEAR_BELOW = "\x1b[H", "\x1b[K", "\x1b[J"
+HIDE_CURSOR, SHOW_CURSOR = "\x1b[?25l", "\x1b[?25h"
+
+
+def watch_frame(text: str, title: str, in_place: bool) -> str:
+    """One frame of `status --watch`: a title line, a blank line and `text`.
+
+    in_place (a terminal): drawn over the previous frame. Otherwise (a pipe, a file): plain
+    text, no escape codes, frames one after another with a blank line between them."""
+    body = f"{title}\n\n{text.rstrip(chr(10))}\n"
+    if not in_place:
+        return body + "\n"
+    return HOME + "".join(line + CLEAR_LINE_END + "\n" for line in body.splitlines()) + CLEAR_BELOW
+
+
 def render_status(view: ClusterView, color: bool = False, width: int = DEFAULT_WIDTH) -> str:
     """Both tables, separated by a blank line; `width` only governs how reasons wrap."""
     painter = _Painter(color)
@@ -219,9 +236,10 @@ def _ram_text(node: NodeView) -> str:
 
 
 def _gpu_lines(node: NodeView) -> list[str]:
+    rpc = ["rpc"] if node.hardware.rpc else []  # its engine can take part in a split across machines
     if not node.hardware.gpus:
-        return ["none"]
-    return [_gpu_text(gpu, live=node.state != "gone") for gpu in node.hardware.gpus]
+        return ["none", *rpc]
+    return [_gpu_text(gpu, live=node.state != "gone") for gpu in node.hardware.gpus] + rpc
 
 
 def _gpu_text(gpu: GpuInfo, live: bool) -> str:

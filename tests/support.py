@@ -123,15 +123,17 @@ class RunningUp:
 
 
 @contextmanager
-def homefleet_up(tmp_path: Path, *args: str, env: dict | None = None, wait_http: bool = True):
+def homefleet_up(tmp_path: Path, *args: str, env: dict | None = None, wait_http: bool = True,
+                 token_file: bool = True):
     """`homefleet up` as a child process. Its token file is kept in tmp_path (`--token-file`
-    among `args` names another), never in the user's own ~/.config/homefleet."""
+    among `args` names another), never in the user's own ~/.config/homefleet. `token_file`
+    False: no such flag (a checkout from before it, run by a benchmark)."""
     port, ray_port = free_port(), free_port()
     log_path = tmp_path / f"up-{port}.log"
-    token_file = [] if "--token-file" in args else ["--token-file", str(tmp_path / "ray_token")]
+    token_args = [] if "--token-file" in args or not token_file else ["--token-file", str(tmp_path / "ray_token")]
     command = homefleet_command(
         "up", "--port", str(port), "--ray-port", str(ray_port), "--node-ip-address", LOOPBACK_NODE_IP,
-        *token_file, *args
+        *token_args, *args
     )
     with open(log_path, "wb") as log:
         popen = subprocess.Popen(command, env=env or child_env(), stdout=log, stderr=subprocess.STDOUT)

@@ -143,11 +143,17 @@ class BatchedEngine:
                  n_threads: int | None = None, n_threads_batch: int | None = None, kv_unified: bool = False,
                  flash_attn: bool | None = None, type_k: int | None = None, type_v: int | None = None,
                  swa_full: bool = False, min_cache_reuse: int = MIN_REUSE_TOKENS, n_gpu_layers: int = 0,
-                 gpu: int | None = None, verbose: bool = False, on_load_progress=None) -> None:
+                 gpu: int | None = None, verbose: bool = False, on_load_progress=None,
+                 rpc_servers: tuple[str, ...] = (), rpc_layers: tuple[int, ...] = (), cpu_repack: bool = True) -> None:
         """`model`: a GGUF path (loaded here) or a llama_cpp.Llama whose weights are shared
         (its own context stays as it is). `gpu`: the one GPU (index) a loaded model's
         offloaded layers go to; None lets llama.cpp spread them over all GPUs.
         `on_load_progress(fraction)`: called as llama.cpp loads the weights.
+        `rpc_servers`: llama.cpp RPC servers (HOST:PORT) of other machines whose devices take
+        `rpc_layers` of the `n_gpu_layers` offloaded layers each, the first ones; this node's
+        GPU (`gpu`), if any, the rest (worker/ggml_rpc.py). `cpu_repack` False keeps the CPU's
+        weights as they are in the file (no repacked kernels; an RPC server's CPU device never
+        repacks): the same CPU arithmetic on both sides of a split, for a like-for-like check.
         `flash_attn` None is llama.cpp's "auto" (on where the backend supports it, as
         llama-server does; 4-8% more tokens/s at 8 streams on this CPU)."""
         import llama_cpp
@@ -160,7 +166,8 @@ class BatchedEngine:
         self._llama_cpp = llama_cpp
         self._owner = None  # keeps the Llama alive when its model is borrowed
         if isinstance(model, str):
-            self.model = _load_model(model, n_gpu_layers, gpu, verbose, on_load_progress)
+            self.model = _load_model(model, n_gpu_layers, gpu, verbose, on_load_progress, rpc_servers, rpc_layers,
+                                     cpu_repack)
         else:
             self._owner, self.model = model, model._model
         self.n_slots = n_slots
@@ -269,6 +276,10 @@ class BatchedEngine:
         if self.ctx:
             self._llama_cpp.llama_free(self.ctx)
             self.ctx = None
+        if self._owner is None and self.model is not None:
+            # Weights it loaded itself go now, not whenever the collector runs: a split's weights
+            # live on other machines' RPC servers, and freeing them after those stopped aborts.
+            self.model.close()
 
     def __enter__(self) -> BatchedEngine:
         return self
@@ -502,7 +513,8 @@ def context_params(n_ctx_per_slot: int, n_slots: int, n_batch: int = 512, *, n_u
     return params
 
 
-def _load_model(path: str, n_gpu_layers: int, gpu: int | None, verbose: bool, on_progress=None):
+def _load_model(path: str, n_gpu_layers: int, gpu: int | None, verbose: bool, on_progress=None,
+                rpc_servers: tuple[str, ...] = (), rpc_layers: tuple[int, ...] = (), cpu_repack: bool = True):
     import llama_cpp
     from llama_cpp._internals import LlamaModel
     from llama_cpp._logger import set_verbose
@@ -510,7 +522,11 @@ def _load_model(path: str, n_gpu_layers: int, gpu: int | None, verbose: bool, on
     set_verbose(verbose)
     params = llama_cpp.llama_model_default_params()
     params.n_gpu_layers = n_gpu_layers
-    if gpu is not None:  # everything offloaded on that GPU alone
+    params.use_extra_bufts = cpu_repack
+    keep = None  # the arrays llama_model_params points to, alive until the load returns
+    if rpc_servers:
+        keep = _split_across_machines(params, n_gpu_layers, gpu, rpc_servers, rpc_layers)
+    elif gpu is not None:  # everything offloaded on that GPU alone
         params.split_mode = llama_cpp.LLAMA_SPLIT_MODE_NONE
         params.main_gpu = gpu
     callback = None
@@ -522,5 +538,36 @@ def _load_model(path: str, n_gpu_layers: int, gpu: int | None, verbose: bool, on
         callback = llama_cpp.llama_progress_callback(report)  # kept alive until the load returns
         params.progress_callback = callback
     model = LlamaModel(path_model=path, params=params, verbose=verbose)
-    del callback
+    del callback, keep
     return model
+
+
+def _split_across_machines(params, n_gpu_layers: int, gpu: int | None, rpc_servers: tuple[str, ...],
+                           rpc_layers: tuple[int, ...]) -> tuple:
+    """Offload onto the RPC servers' devices first (the first layers), then this node's GPU:
+    llama.cpp's own order for RPC (fewest network transfers). Layers by tensor_split."""
+    import ctypes
+
+    import llama_cpp
+
+    from worker import ggml_rpc
+
+    if len(rpc_layers) != len(rpc_servers):
+        raise ValueError(f"{len(rpc_servers)} RPC servers but layers for {len(rpc_layers)}")
+    devices = ggml_rpc.rpc_devices(list(rpc_servers))
+    if len(devices) != len(rpc_servers):
+        raise RuntimeError(f"each RPC server must serve one device; they serve {len(devices)}")
+    shares = list(rpc_layers)
+    local = ggml_rpc.local_gpu_device(gpu) if gpu is not None else None
+    if local is not None:
+        devices.append(local)
+        shares.append(max(0, n_gpu_layers - sum(rpc_layers)))
+    elif sum(rpc_layers) != n_gpu_layers:
+        raise ValueError(f"{n_gpu_layers} layers to offload but the RPC servers take {sum(rpc_layers)} and this "
+                         "node has no GPU for the rest")
+    device_array = (ctypes.c_void_p * (len(devices) + 1))(*devices, None)
+    split = (ctypes.c_float * llama_cpp.llama_max_devices())(*shares)
+    params.devices = ctypes.cast(device_array, ctypes.c_void_p).value
+    params.split_mode = llama_cpp.LLAMA_SPLIT_MODE_LAYER
+    params.tensor_split = split
+    return device_array, split

@@ -55,6 +55,10 @@ class EngineSettings:
     n_ubatch: int = 512
     parallel: int = 1  # requests decoded together (slots), each with the full n_ctx
     gpu_index: int | None = None  # the one GPU placement chose; None: llama.cpp's own choice
+    # A split across machines (issue 13): llama.cpp RPC servers of helper nodes, each taking
+    # `rpc_layers[i]` of the offloaded layers (in layer order, the first layers), this node's GPU the rest.
+    rpc_servers: tuple[str, ...] = ()
+    rpc_layers: tuple[int, ...] = ()
 
 
 def default_threads() -> int:
@@ -91,6 +95,8 @@ class Engine:
                 n_gpu_layers=settings.n_gpu_layers,
                 gpu=usable_gpu(settings.gpu_index, settings.n_gpu_layers),
                 on_load_progress=on_load_progress,
+                rpc_servers=settings.rpc_servers,
+                rpc_layers=settings.rpc_layers,
             )
         self.load_seconds = time.perf_counter() - started
         self.architecture = self.llama.metadata.get("general.architecture", "unknown")
@@ -186,6 +192,9 @@ class Engine:
             max_tokens=self._check_fits(len(tokens), sampling.get("max_tokens"), param),
             temperature=sampling.get("temperature", 0.8),
             top_p=sampling.get("top_p", 0.95),
+            top_k=sampling.get("top_k", 40),
+            min_p=sampling.get("min_p", 0.05),
+            repeat_penalty=sampling.get("repeat_penalty", 1.0),
             presence_penalty=sampling.get("presence_penalty") or 0.0,
             frequency_penalty=sampling.get("frequency_penalty") or 0.0,
             seed=sampling.get("seed"),

@@ -7,6 +7,8 @@ machine in tests and plans; live use then comes from the file (or stays unknown)
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import logging
 import os
 import platform
@@ -127,7 +129,18 @@ def probe(name: str | None = None, nvml: NvmlSession | None = None) -> NodeHardw
         ram_total_bytes=int(vm.total),
         ram_available_bytes=int(vm.available),
         gpus=nvml.gpus(),
+        rpc=engine_has_rpc(),
     )
+
+
+@functools.cache
+def engine_has_rpc() -> bool:
+    """Whether this node's llama.cpp has the RPC backend (llama-cpp-python built with
+    GGML_RPC=on ships libggml-rpc.so), seen without loading llama.cpp into the agent."""
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is None or spec.origin is None:
+        return False
+    return (Path(spec.origin).parent / "lib" / "libggml-rpc.so").exists()
 
 
 def overlay_live_use(declared: NodeHardware, measured: NodeHardware) -> NodeHardware:
@@ -161,6 +174,7 @@ def overlay_live_use(declared: NodeHardware, measured: NodeHardware) -> NodeHard
             "ram_available_bytes": ram_available,
             "cpu_utilization_pct": measured.cpu_utilization_pct,
             "gpus": gpus,
+            "rpc": declared.rpc and measured.rpc,  # a declared machine's RPC is only as real as this engine's
             "source": "file",
         }
     )

@@ -46,6 +46,9 @@ class ModelReplicaImpl:
         self.served = 0
         self.load_progress: float | None = None  # 0..1 while llama.cpp loads the weights
         self.cancelled: dict[str, float] = {}  # request id -> when its client went away
+        # Requests inside this replica now (the gateway reconciles its count with it); a set,
+        # as add and discard are atomic under the GIL where `n += 1` is not.
+        self.in_progress: set[object] = set()
         self.generation_limit_s = float(limits.get("generation_limit_s", 600.0)) if limits else 600.0
 
     # ---- lifecycle -------------------------------------------------------------------
@@ -75,6 +78,7 @@ class ModelReplicaImpl:
             "reason": self.reason,
             "pid": os.getpid(),
             "served": self.served,
+            "requests_in_progress": len(self.in_progress),
             "load_progress": self.load_progress,
         }
         if self.engine is not None:
@@ -104,6 +108,8 @@ class ModelReplicaImpl:
             return self._whole(lambda e, stop: e.embed(inputs), request_id)
 
     def _whole(self, call, request_id: str) -> dict:
+        mark = object()
+        self.in_progress.add(mark)
         try:
             if self._was_cancelled(request_id):
                 return {"error": _client_left()}
@@ -115,6 +121,7 @@ class ModelReplicaImpl:
         except GenerationCancelled:
             return {"error": _client_left()}
         finally:
+            self.in_progress.discard(mark)
             self.cancelled.pop(request_id, None)
 
     def _stop_check(self, request_id: str):
@@ -164,6 +171,8 @@ class ModelReplicaImpl:
         seconds): on a small machine each message between processes costs the
         decoding threads more than the bytes are worth.
         """
+        mark = object()
+        self.in_progress.add(mark)
         try:
             if self._was_cancelled(request_id):
                 yield {"error": _client_left()}
@@ -190,6 +199,7 @@ class ModelReplicaImpl:
             yield b"".join(pending)
             self._served_one()
         finally:
+            self.in_progress.discard(mark)
             self.cancelled.pop(request_id, None)
 
 

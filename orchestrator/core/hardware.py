@@ -55,6 +55,15 @@ class NodeHardware(BaseModel):
         None, description="Declared free disk of the node's model store (to run a node as another machine); "
         "measured on the store's volume when unset."
     )
+    rpc: bool = Field(
+        False, description="Its engine has llama.cpp's RPC backend (llama_supports_rpc()), so its GPU may take part "
+        "in a split of one model across machines; a hardware file may declare it."
+    )
+    link_rtt_ms: float | None = Field(
+        None, gt=0, description="Network round trip to the head in ms (measured where known; default: a wired "
+        "gigabit LAN), for the per-token cost of a split across machines."
+    )
+    link_mbps: float | None = Field(None, gt=0, description="Network bandwidth to the head in Mbit/s (default 1000).")
     source: str = Field(
         "probe",
         description="'probe' when measured on this machine, 'file' when declared by a hardware file "

@@ -26,3 +26,18 @@ def overload_retry_after_s(waiting: int, slots: int, seconds_per_request: float 
     """Retry-After for a 503 when every queue is full: about when the queue ahead drains
     (1-30 s), at a few seconds a request per slot."""
     return max(1, min(30, round(waiting / max(1, slots) * seconds_per_request)))
+
+
+RECONCILE_QUIET_S = 30.0  # no request started or ended on the replica for this long
+
+
+def reconciled_in_flight(counted: int, on_replica: int | None, quiet_for_s: float,
+                         quiet_s: float = RECONCILE_QUIET_S) -> int | None:
+    """The gateway's in-flight count of a replica corrected by the replica's own count, or
+    None to keep it. Only a count the replica cannot explain is dropped: the replica holds no
+    request at all while the gateway counts some and none started or ended for `quiet_s` (a
+    request on its way to the replica is at most seconds old; one the replica holds is in its
+    own count). What remains is a slot a lost path never released."""
+    if on_replica is None or on_replica != 0 or counted <= 0 or quiet_for_s < quiet_s:
+        return None
+    return 0

@@ -29,9 +29,13 @@ from orchestrator.gateway.api_key import ApiKeyOffLoopback
 from orchestrator.gateway.client_address import local_names, parse_networks
 from orchestrator.gateway.cluster_api import cluster_routes
 from orchestrator.gateway.errors import install_error_handlers
+from orchestrator.gateway.events_api import events_routes
 from orchestrator.gateway.files_api import install_files_api
+from orchestrator.gateway.metrics import GatewayMetrics, metrics_routes
+from orchestrator.gateway.ollama_api import ollama_routes
 from orchestrator.gateway.openai_api import openai_routes
 from orchestrator.gateway.openapi import install_openapi
+from orchestrator.gateway.plan_api import plan_routes
 from orchestrator.gateway.relay import Relay
 from orchestrator.gateway.request_body import RequestBody
 from orchestrator.gateway.router import Router
@@ -50,9 +54,17 @@ def create_app(controller: Controller, config: HomefleetConfig, api_key: str | N
     app = FastAPI(title="homefleet", version="0.1.0", docs_url="/docs", redoc_url=None,
                   description="One OpenAI-compatible endpoint for the models of a home lab's machines.")
     install_error_handlers(app)
-    router = Router(controller, gateway.queue_per_replica, gateway.load_timeout_s)
+    metrics = GatewayMetrics(controller.view)  # this app's own registry
+    listeners = getattr(getattr(controller, "events", None), "listeners", None)
+    if listeners is not None:
+        listeners.append(metrics.on_event)  # load and copy durations
+    router = Router(controller, gateway.queue_per_replica, gateway.load_timeout_s, metrics)
     app.include_router(openai_routes(controller, router, Relay(controller, router), created=int(time.time())))
+    app.include_router(ollama_routes(controller, router, Relay(controller, router), started_at=time.time()))
     app.include_router(cluster_routes(controller))
+    app.include_router(events_routes(controller))
+    app.include_router(metrics_routes(metrics))
+    app.include_router(plan_routes(controller))
     install_files_api(app, controller)
     app.include_router(admin_routes(controller, reloader or ConfigReloader(controller)))
     install_openapi(app)

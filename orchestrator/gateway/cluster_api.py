@@ -1,5 +1,5 @@
 """The cluster's own surface: `/api/cluster` (what the CLI and the dashboard read), the
-dashboard page, Prometheus `/metrics`, and the `/healthz` and `/readyz` probes."""
+dashboard page, and the `/healthz` and `/readyz` probes (`/metrics`: gateway/metrics.py)."""
 
 from __future__ import annotations
 
@@ -7,16 +7,13 @@ from importlib import resources
 from typing import TYPE_CHECKING
 
 from fastapi import APIRouter
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 
 from orchestrator.cluster_view import ClusterView
-from orchestrator.gateway.metrics import render_metrics
 from orchestrator.gateway.responses import Health, Readiness
 
 if TYPE_CHECKING:
     from orchestrator.controller import Controller
-
-PROMETHEUS_TYPE = "text/plain; version=0.0.4"
 
 
 def cluster_routes(controller: Controller) -> APIRouter:
@@ -43,13 +40,6 @@ def cluster_routes(controller: Controller) -> APIRouter:
             s in ("ready", "not_loaded") for s in states.values()
         )
         return JSONResponse({"ready": ready, "models": states}, status_code=200 if ready else 503)
-
-    @api.get("/metrics", tags=["probes"], response_class=PlainTextResponse,
-             responses={200: {"description": "Prometheus text exposition, version 0.0.4.",
-                              "content": {"text/plain": {"schema": {"type": "string"}}}}})
-    async def metrics():
-        """Nodes, GPUs, replicas and requests, for Prometheus."""
-        return PlainTextResponse(render_metrics(controller.view()), media_type=PROMETHEUS_TYPE)
 
     @api.get("/", tags=["dashboard"], response_class=HTMLResponse)
     async def dashboard():

@@ -47,7 +47,7 @@ def param_of(loc: tuple) -> str | None:
     """`messages[0].content[1].text` from pydantic's location, without its union tags."""
     out = ""
     for part in loc:
-        if part == "body" or _is_type_tag(part):
+        if part == "body" or (part == "query" and not out) or _is_type_tag(part):  # a query parameter: its name
             continue
         part = str(part)
         out += f"[{part}]" if part.isdigit() else (f".{part}" if out else part)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
@@ -18,6 +19,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from orchestrator.gateway.errors import error_body, error_response
+from orchestrator.gateway.metrics import SSE_DONE, RequestOutcome, usage_of_final_item
 from orchestrator.gateway.router import Router
 from worker.errors import RequestError
 
@@ -30,6 +32,10 @@ LOADING_COMMENT_S = 2.0  # while a streamed request waits for its model to load:
 # Longest wait for a replica's answer, or for the next item of a stream: the replica ends any
 # generation at its limit (generation_limit_s, 600 s), so past this the replica is stuck.
 ANSWER_TIMEOUT_S = 660.0
+CLIENT_LEFT_STATUS = 499  # nginx's "client closed request": how a flight ends that nobody answered
+
+
+Transform = Callable[[AsyncIterator[bytes]], AsyncIterator[bytes]]
 
 
 class ReplicaLost(RequestError):
@@ -49,15 +55,30 @@ class Flight:
         self.router = router
         self.replica = replica
         self.request_id = request_id
+        self.epoch = replica.flight_epoch
         self.ended = False
+        # For the metrics (gateway/metrics.py): when it began, its first token, its usage.
+        self.started_at = time.monotonic()
+        self.first_token_at: float | None = None
+        self.usage: dict | None = None
+        self.failure_status: int | None = None  # the replica failed under it (502, 504)
 
-    def end(self, served: bool, cancel: bool = True) -> None:
+    def end(self, served: bool, cancel: bool = True, status: int | None = None) -> None:
+        """`status`: of the replica's error, when it refused the request."""
         if self.ended:
             return
         self.ended = True
         if not served and cancel:
             self.replica.handle.cancel.remote(self.request_id)
-        self.router.release(self.replica, served)
+        self.router.release(self.replica, served, self.epoch)
+        status = 200 if served else status or self.failure_status or CLIENT_LEFT_STATUS
+        self.router.finished(self.replica, RequestOutcome(
+            self.replica.model, self.replica.node_name, status, self.started_at, time.monotonic(),
+            self.first_token_at, self.usage if served else None))
+
+    def failed(self, exc: BaseException) -> None:
+        """The replica failed under it (a timeout is a 504, anything else a 502: Relay.failed)."""
+        self.failure_status = 504 if isinstance(exc, asyncio.TimeoutError) else 502
 
 
 class EventStream(StreamingResponse):
@@ -66,8 +87,9 @@ class EventStream(StreamingResponse):
 
     media_type = "text/event-stream"
 
-    def __init__(self, content: AsyncIterator[bytes], flight: Flight, headers: dict[str, str]) -> None:
-        super().__init__(content, headers=headers)
+    def __init__(self, content: AsyncIterator[bytes], flight: Flight, headers: dict[str, str],
+                 media_type: str | None = None) -> None:
+        super().__init__(content, headers=headers, media_type=media_type)
         self.flight = flight
 
     async def __call__(self, scope, receive, send) -> None:
@@ -116,14 +138,17 @@ class Relay:
         try:
             result = await self._wait(replica, _awaited(start(flight.request_id)), request, flight.request_id)
         except Exception as exc:
+            flight.failed(exc)
             flight.end(served=False)
             raise await self.failed(replica, exc) from None
         except BaseException:  # cancelled (the server stops): free the model
             flight.end(served=False)
             raise
         if "error" in result:  # the replica answered with an error: it is done with the request
-            flight.end(served=False, cancel=False)
-            return error_response(RequestError.from_dict(result["error"]))
+            error = RequestError.from_dict(result["error"])
+            flight.end(served=False, cancel=False, status=error.status)
+            return error_response(error)
+        flight.usage = result.get("usage")
         flight.end(served=True)
         return JSONResponse(shape(result) if shape else result, headers=node_headers(replica))
 
@@ -147,10 +172,12 @@ class Relay:
             pending.cancel()  # a no-op once done
 
     async def stream(self, replica: ReplicaRecord, start: Callable[[str], Any],
-                     request: Request | None = None) -> StreamingResponse | JSONResponse:
+                     request: Request | None = None, transform: Transform | None = None,
+                     media_type: str | None = None) -> StreamingResponse | JSONResponse:
         """SSE bytes as the replica yields them. Its first item says whether it accepted the
         request (b"") or not ({"error": ...}, answered with the error's status). A client that
-        leaves while it waits for that frees its place at once."""
+        leaves while it waits for that frees its place at once. `transform` reframes the bytes
+        (the Ollama API's NDJSON, as `media_type`); closing it must close what it reads."""
         flight = Flight(self.router, replica, uuid.uuid4().hex)
         try:
             generator = start(flight.request_id)
@@ -159,16 +186,19 @@ class Relay:
             else:
                 first = await asyncio.wait_for(_next_item(generator), ANSWER_TIMEOUT_S)
         except Exception as exc:
+            flight.failed(exc)
             flight.end(served=False)
             raise await self.failed(replica, exc) from None
         except BaseException:  # cancelled while waiting for the replica
             flight.end(served=False)
             raise
         if isinstance(first, dict) and "error" in first:
-            flight.end(served=False, cancel=False)
-            return error_response(RequestError.from_dict(first["error"]))
+            error = RequestError.from_dict(first["error"])
+            flight.end(served=False, cancel=False, status=error.status)
+            return error_response(error)
         headers = {**node_headers(replica), "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-        return EventStream(self._forward(replica, generator, flight), flight, headers)
+        body = self._forward(replica, generator, flight)
+        return EventStream(transform(body) if transform else body, flight, headers, media_type)
 
     def stream_after_load(self, model: str, start: Callable[[ReplicaRecord, str], Any]) -> StreamingResponse:
         """A stream for a model that is not loaded: SSE comment lines (`: loading 40%`) while it
@@ -196,12 +226,14 @@ class Relay:
                 generator = start(replica, flight.request_id)
                 first = await (await generator.__anext__())
             except Exception as exc:
+                flight.failed(exc)
                 flight.end(served=False)
                 yield _error_event(await self.failed(replica, exc))
                 return
             if isinstance(first, dict) and "error" in first:
-                flight.end(served=False, cancel=False)
-                yield _error_event(RequestError.from_dict(first["error"]))
+                error = RequestError.from_dict(first["error"])
+                flight.end(served=False, cancel=False, status=error.status)
+                yield _error_event(error)
                 return
             async for chunk in self._forward(replica, generator, flight):
                 yield chunk
@@ -218,10 +250,15 @@ class Relay:
                     item = await asyncio.wait_for(_next_item(generator), ANSWER_TIMEOUT_S)
                 except StopAsyncIteration:
                     break
+                if flight.first_token_at is None:  # the replica sends its first token at once
+                    flight.first_token_at = time.monotonic()
+                if isinstance(item, bytes) and item.endswith(SSE_DONE):  # the last item: its usage
+                    flight.usage = usage_of_final_item(item)
                 yield item
             served = True
         except Exception as exc:
             # Mid-stream the status is sent already: an error event, then the stream ends.
+            flight.failed(exc)
             yield _error_event(await self.failed(replica, exc))
         finally:
             flight.end(served)

@@ -7,6 +7,7 @@ Every `acquire` is matched by exactly one `release` (gateway/relay.py sees to it
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING
 
 from orchestrator.core.routing import choose_replica, overload_retry_after_s
@@ -14,15 +15,18 @@ from worker.errors import RequestError
 
 if TYPE_CHECKING:
     from orchestrator.controller import Controller, ReplicaRecord
+    from orchestrator.gateway.metrics import GatewayMetrics, RequestOutcome
 
 WAITING_STATES = ("copying", "downloading", "loading")
 
 
 class Router:
-    def __init__(self, controller: Controller, queue_per_replica: int, load_timeout_s: float = 300.0) -> None:
+    def __init__(self, controller: Controller, queue_per_replica: int, load_timeout_s: float = 300.0,
+                 metrics: GatewayMetrics | None = None) -> None:
         self.controller = controller
         self.queue_per_replica = queue_per_replica
         self.load_timeout_s = load_timeout_s
+        self.metrics = metrics
 
     # ---- models that load on demand --------------------------------------------------
     def needs_load(self, model: str, keep_alive=None) -> bool:
@@ -60,8 +64,17 @@ class Router:
             )
 
     def acquire(self, model: str) -> ReplicaRecord:
-        """A replica with room for one more request, counted in flight; else a 404 or 503."""
+        """A replica with room for one more request, counted in flight; else a 404 or 503
+        (a 503 counted in the metrics, with no node: no replica took it)."""
         self.check_known(model)
+        try:
+            return self._acquire(model)
+        except RequestError as exc:
+            if self.metrics is not None:
+                self.metrics.refused(model, exc.status)
+            raise
+
+    def _acquire(self, model: str) -> ReplicaRecord:
         ready = self.controller.ready_replicas(model)
         if not ready:
             state, reason = self.controller.model_state(model)
@@ -86,14 +99,26 @@ class Router:
                 retry_after_s=overload_retry_after_s(len(ready) * self.queue_per_replica, slots),
             )
         replica.in_flight += 1
+        replica.flights_changed_at = time.monotonic()
         self.controller.touch(model)
         return replica
 
-    def release(self, replica: ReplicaRecord, served: bool) -> None:
-        replica.in_flight -= 1
+    def release(self, replica: ReplicaRecord, served: bool, epoch: int | None = None) -> None:
+        """`epoch`: the replica's flight_epoch when the request began; a release from before the
+        controller reconciled the count (controller.py `_reconcile_flights`) changes no count."""
+        if epoch is None or epoch == replica.flight_epoch:
+            replica.in_flight -= 1
+            replica.flights_changed_at = time.monotonic()
         self.controller.touch(replica.model)
         if served:
             replica.served += 1
             node = self.controller.nodes.get(replica.node_id)
             if node is not None:
                 node.requests_served += 1
+
+    def finished(self, replica: ReplicaRecord, outcome: RequestOutcome) -> None:
+        """A request's flight ended (after `release`): its tokens on the replica, its metrics."""
+        replica.prompt_tokens += outcome.prompt_tokens
+        replica.completion_tokens += outcome.completion_tokens
+        if self.metrics is not None:
+            self.metrics.request_done(outcome)

@@ -21,6 +21,12 @@ commit. Prints JSON, with a `summary` block that evaluates issue 10's goals.
 - "today": worker/generation.py on one Llama, one request at a time (FIFO), as the
   replica served before issue 10 (flash attention off, its default); "today_flash_attn"
   shows how much of a gain is flash attention's. By default one stream only.
+- "homefleet_before": the product as it was before issue 10, end to end (`homefleet up` of
+  a checkout given by --before-tree, e.g. `git worktree add /tmp/hf-before 27d23d0`, the
+  last commit whose replica served one request at a time), apart like "homefleet", at
+  --today-streams. Where it runs, the goal "one stream at least 0.98x today's" compares the
+  product before and after like for like; else the engine-level "today" stands in (which
+  pays no Ray or HTTP, so it is the stricter bar).
 
 Every engine gets the same prompt tokens: the user message rendered by the model's chat
 template and tokenised as the replica does it (worker/chat_template.py); homefleet gets the
@@ -79,7 +85,7 @@ CHAT_TURNS = ["Hi! I want to plan a garden. What should I think about first?", "
               "And how often should I water them?", "What about herbs next to them?",
               "Which herbs keep pests away?", "Can I grow them in pots instead?",
               "How big should the pots be?", "Thanks! Summarise the plan in three lines."]
-ENGINES = ("homefleet", "llama_server", "batched", "today", "today_flash_attn")
+ENGINES = ("homefleet", "llama_server", "batched", "today", "today_flash_attn", "homefleet_before")
 MODEL_NAME = "bench-model"  # the model's name in homefleet's config
 
 
@@ -326,13 +332,16 @@ class Homefleet:
     """`homefleet up` serving the model (one replica, `slots` parallel), in a temporary
     directory; tests/support.py stops its process tree by PID."""
 
-    def __init__(self, args) -> None:
+    def __init__(self, args, before_tree: str | None = None) -> None:
+        """`before_tree`: a checkout of homefleet before issue 10 (one request at a time per
+        replica), run instead of this one: its own code on PYTHONPATH, its config keys only."""
         from tests.support import homefleet_up, write_config
 
         self.tmp = tempfile.TemporaryDirectory(prefix="batch-bench-homefleet-")
         tmp = Path(self.tmp.name)
-        entry = {"name": MODEL_NAME, "path": args.model, "context": args.ctx_per_slot, "parallel": args.slots,
-                 "n_threads": args.threads, "load": "always"}
+        entry = {"name": MODEL_NAME, "path": args.model, "context": args.ctx_per_slot, "n_threads": args.threads}
+        if before_tree is None:
+            entry.update(parallel=args.slots, load="always")
         if args.chat_format:
             entry["chat_format"] = args.chat_format
         self.config = {"models": [entry], "gateway": {"queue_per_replica": args.queue_per_replica}}
@@ -340,6 +349,9 @@ class Homefleet:
         from tests.support import child_env
 
         extra = dict(item.split("=", 1) for item in getattr(args, "homefleet_env", None) or [])
+        if before_tree is not None:
+            extra["PYTHONPATH"] = os.pathsep.join(p for p in (before_tree, os.environ.get("PYTHONPATH")) if p)
+            self.config["code"] = f"{before_tree} (git {_git_head(before_tree)})"
         if extra:  # a diagnostic: e.g. OMP_WAIT_POLICY for the replica (Ray's workers inherit it)
             self.config["environment (diagnostic)"] = extra
         if getattr(args, "homefleet_flush", None) is not None:  # a diagnostic: replica.py's FLUSH_INTERVAL_S
@@ -349,7 +361,7 @@ class Homefleet:
             self.config["FLUSH_INTERVAL_S (overridden)"] = args.homefleet_flush
         env = child_env(**extra) if extra else None
         started = time.perf_counter()
-        self._up = homefleet_up(tmp, "--config", str(path), env=env)
+        self._up = homefleet_up(tmp, "--config", str(path), env=env, token_file=before_tree is None)
         self.running = self._up.__enter__()
         try:
             view = self.running.wait_for_models({MODEL_NAME: {"ready"}}, timeout_s=300)
@@ -405,6 +417,14 @@ class Homefleet:
             self._up.__exit__(None, None, None)
         finally:
             self.tmp.cleanup()
+
+
+def _git_head(tree: str) -> str:
+    try:
+        return subprocess.run(["git", "-C", tree, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
 
 
 # ---- the run ---------------------------------------------------------------------------
@@ -579,10 +599,13 @@ def run_speed(args) -> dict:
     unknown = set(wanted) - set(ENGINES)
     if unknown:
         raise SystemExit(f"unknown engines {sorted(unknown)}; known: {', '.join(ENGINES)}")
+    if "homefleet_before" in wanted and not args.before_tree:
+        raise SystemExit("homefleet_before needs --before-tree (a checkout of the commit before issue 10)")
     if "today" in wanted and "today_flash_attn" not in wanted and not args.no_today_flash_attn:
         wanted.append("today_flash_attn")  # one stream only: is the gain flash attention's?
     vocab, formatter = _formatter(args.model, args.chat_format)
     homefleet: Homefleet | None = None
+    before: Homefleet | None = None  # homefleet_before's `homefleet up`, while its waves run
     server = None
     engines: dict[str, EngineProcess] = {}
     started = time.perf_counter()
@@ -591,14 +614,16 @@ def run_speed(args) -> dict:
     sessions: list[dict] = []  # each `homefleet up`: start and settle seconds
     prompt_check = {"requests": 0, "prompt_tokens_as_sent_to_the_others": 0, "answer_tokens": 0, "http_reads": 0}
     homefleet_facts = None
+    before_facts = None
 
     def own_pids() -> dict[int, str]:
         out = {os.getpid(): "bench_client"}
         out.update({e.proc.pid: f"{name}_process" for name, e in engines.items()})
         if server:
             out.update(server.pids())
-        if homefleet:
-            out.update(homefleet.pids())
+        for running in (homefleet, before):
+            if running:
+                out.update(running.pids())
         return out
 
     watch = CpuWatch(own_pids)
@@ -661,6 +686,18 @@ def run_speed(args) -> dict:
                 if rep == args.repeats - 1:
                     chat["homefleet"] = chat_homefleet(homefleet.url, CHAT_TURNS, args.chat_tokens)
                 stop_homefleet()
+            if "homefleet_before" in wanted:  # the product before issue 10, apart like homefleet
+                before = Homefleet(args, before_tree=args.before_tree)
+                try:
+                    before.settle()
+                    wave_homefleet(before, warm, 8)
+                    for n in today_streams:
+                        prompts = prompts_for(vocab, formatter, n, rep)
+                        record("homefleet_before", n, lambda: wave_homefleet(before, prompts, args.max_tokens))
+                    before_facts = {"config": before.config, "start_s": before.start_s}
+                finally:
+                    before.close()
+                    before = None
             for n in streams:
                 prompts = prompts_for(vocab, formatter, n, rep)
                 runs = {}
@@ -695,6 +732,7 @@ def run_speed(args) -> dict:
     table = {name: {str(n): median_summary(w) for n, w in per.items()} for name, per in results.items() if per}
     all_goals = {engine: goals(table, chat, streams, engine) for engine in ("homefleet", "batched") if engine in table}
     return {"table": table, "chat_10_turns": chat, "server_settings": server_settings, "homefleet": homefleet_facts,
+            "homefleet_before": before_facts,
             "batched_settings": {"kv_unified": False, "flash_attn": args.flash_attn, "n_batch": args.n_batch},
             "today_settings": {"flash_attn": False, "n_batch": args.n_batch, "today_flash_attn": "the same, FA on"},
             "threads": args.threads, "run_s": round(time.perf_counter() - started, 1),
@@ -713,13 +751,19 @@ def goals(table: dict, chat: dict, streams: list[int], engine: str) -> dict:
             out[f"ttft_median_{n}_vs_server"] = round(b[str(n)]["ttft_median_s"] / s[str(n)]["ttft_median_s"], 3)
     if "1" in b and "1" in t:
         out["one_stream_vs_today"] = round(b["1"]["aggregate_tok_s"] / t["1"]["aggregate_tok_s"], 3)
+    before = table.get("homefleet_before", {})
+    if engine == "homefleet" and "1" in b and "1" in before:  # the product before and after, end to end
+        out["one_stream_vs_homefleet_before"] = round(b["1"]["aggregate_tok_s"] / before["1"]["aggregate_tok_s"], 3)
     if "1" in b and "1" in table.get("today_flash_attn", {}):
         out["one_stream_vs_today_with_flash_attn"] = round(
             b["1"]["aggregate_tok_s"] / table["today_flash_attn"]["1"]["aggregate_tok_s"], 3)
     out["chat_cached_share"] = chat[engine]["cached_share_after_turn_1"] if engine in chat else None
     aggregate = [v for k, v in out.items() if k.startswith("aggregate_")]
     ttft = [v for k, v in out.items() if k.startswith("ttft_median_")]
-    today = [v for k, v in out.items() if k.startswith("one_stream_vs_today")]
+    # "One stream at least 0.98x today's": the product before issue 10 where it ran (end to end,
+    # like for like), else the engine-level single path (which has no Ray or HTTP to pay for).
+    today = ([out["one_stream_vs_homefleet_before"]] if "one_stream_vs_homefleet_before" in out
+             else [v for k, v in out.items() if k.startswith("one_stream_vs_today")])
     out["met"] = {  # None: not measured in this run
         "aggregate_at_least_server": all(v >= 1.0 for v in aggregate) if aggregate else None,
         "ttft_median_at_most_1_5x_server": all(v <= 1.5 for v in ttft) if ttft else None,
@@ -834,6 +878,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--homefleet-beside", action="store_true",
                         help="one `homefleet up` for the whole run, its waves alternating with the others' (its "
                         "idle Ray processes then slow the other engines); default: one of its own each repeat")
+    parser.add_argument("--before-tree", default=None, metavar="DIR",
+                        help="homefleet_before's checkout: homefleet before issue 10 (e.g. `git worktree add "
+                        "/tmp/hf-before 27d23d0`)")
     parser.add_argument("--homefleet-flush", type=float, default=None,
                         help="diagnostic: worker/replica.py's FLUSH_INTERVAL_S for homefleet's replica")
     parser.add_argument("--homefleet-env", action="append", default=[], metavar="KEY=VALUE",

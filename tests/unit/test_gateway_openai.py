@@ -10,11 +10,8 @@ import pytest
 
 from tests.unit.test_gateway_fakes import (
     MODEL,
-    FakeController,
     FakeReplicaHandle,
     Script,
-    app_for,
-    asgi_client,
     text_answer,
 )
 
@@ -26,22 +23,7 @@ WEATHER = {"type": "function",
 CALL = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
 
 
-@pytest.fixture
-def handle() -> FakeReplicaHandle:
-    return FakeReplicaHandle()
-
-
-@pytest.fixture
-def controller(handle) -> FakeController:
-    controller = FakeController(MODEL, "other-model")
-    controller.add_replica(MODEL, handle)
-    return controller
-
-
-@pytest.fixture
-async def client(controller):
-    async with asgi_client(app_for(controller)) as client:
-        yield client
+# handle, controller, client: tests/unit/conftest.py
 
 
 async def chat(client, **fields):

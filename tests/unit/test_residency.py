@@ -250,6 +250,48 @@ def test_a_small_model_moves_back_to_its_laptop_make_before_break(monkeypatch):
     assert [e["kind"] for e in controller.events if e["kind"].startswith("mov")] == ["moving", "moved"]
 
 
+def _woken_laptop_without_the_file(monkeypatch):
+    import orchestrator.rebalance
+
+    monkeypatch.setattr(orchestrator.rebalance, "REBALANCE_SETTLE_S", 0.0)
+    monkeypatch.setattr(orchestrator.rebalance, "FETCH_CHECK_S", 0.0)
+    cluster = RejoiningCluster(["desktop", "laptop-1"])
+    cluster.holds = {"desktop": {SEVEN_B}, "laptop-1": set()}
+    cluster.alive["laptop-1"] = False
+    controller = Controller(config([{"name": "small", "path": SEVEN_B, "context": 4096, "parallel": 1}]), cluster)
+    run_ticks(controller)
+    old = controller.replicas[("small", 0)]
+    assert old.node_name == "desktop" and old.state == "ready"
+    cluster.wake("laptop-1")
+    run_ticks(controller, 4)
+    return cluster, controller, old
+
+
+def test_a_model_moves_back_to_a_laptop_that_lacks_its_file_after_a_copy(monkeypatch):
+    cluster, controller, old = _woken_laptop_without_the_file(monkeypatch)
+    [(transfer_id, (node, spec, _))] = cluster.transfers.items()
+    assert node == "laptop-1" and spec["name"] == SEVEN_B and spec["sources"][0]["label"] == "desktop"
+    assert controller.replicas[("small", 0)] is old and old.state == "ready"  # it serves while the file travels
+    run_ticks(controller, 2)
+    assert len(cluster.transfers) == 1  # one copy, not one a tick
+    cluster.finish(transfer_id)
+    run_ticks(controller, 4)
+    now = controller.replicas[("small", 0)]
+    assert now.node_name == "laptop-1" and now.state == "ready" and cluster.killed == ["small#0"]
+    kinds = [e["kind"] for e in controller.events if e["kind"] in ("fetching_for_move", "copied", "moving", "moved")]
+    assert kinds == ["fetching_for_move", "copied", "moving", "moved"]
+
+
+def test_a_failed_copy_for_a_move_leaves_the_model_where_it_serves(monkeypatch):
+    cluster, controller, old = _woken_laptop_without_the_file(monkeypatch)
+    [transfer_id] = cluster.transfers
+    cluster.fail(transfer_id, "disk full")
+    run_ticks(controller, 4)
+    assert controller.replicas[("small", 0)] is old and old.state == "ready" and not cluster.killed
+    [event] = [e for e in controller.events if e["kind"] == "move_abandoned"]
+    assert "disk full" in event["reason"] and event["node"] == "laptop-1"
+
+
 def test_no_move_when_rebalance_is_off(monkeypatch):
     import orchestrator.rebalance
 
@@ -262,3 +304,36 @@ def test_no_move_when_rebalance_is_off(monkeypatch):
     cluster.wake("laptop-1")
     run_ticks(controller, 4)
     assert controller.replicas[("small", 0)].node_name == "desktop" and not cluster.killed
+
+
+class CountingCluster(FakeCluster):
+    """Replicas report how many requests they hold (worker/replica.py `requests_in_progress`)."""
+
+    holding = 0
+
+    async def info(self, handle: str, timeout_s: float) -> dict:
+        return {**await super().info(handle, timeout_s), "requests_in_progress": self.holding}
+
+
+def test_a_slot_a_lost_path_never_released_is_given_back_and_its_late_release_changes_nothing():
+    from orchestrator.gateway.relay import Flight
+    from orchestrator.gateway.router import Router
+
+    cluster = CountingCluster(["desktop"])
+    controller = Controller(config([{"name": "small", "path": SEVEN_B, "context": 4096, "parallel": 1}]), cluster)
+    run_ticks(controller)
+    router = Router(controller, queue_per_replica=0)
+    replica = router.acquire("small")
+    lost = Flight(router, replica, "lost-one")  # e.g. a path that forgot to end it
+    run_ticks(controller, 1)
+    assert replica.in_flight == 1  # recent: it may still be on its way to the replica
+    replica.flights_changed_at -= 60.0
+    cluster.holding = 1
+    run_ticks(controller, 1)
+    assert replica.in_flight == 1  # the replica holds a request: the count is explained
+    cluster.holding = 0
+    run_ticks(controller, 1)
+    assert replica.in_flight == 0 and router.acquire("small") is replica  # the slot serves again
+    assert [e["kind"] for e in controller.events].count("reconciled") == 1
+    lost.end(served=False, cancel=False)  # the old flight ends at last: the new one keeps its count
+    assert replica.in_flight == 1

@@ -1,6 +1,6 @@
 import pytest
 
-from orchestrator.core.routing import choose_replica
+from orchestrator.core.routing import RECONCILE_QUIET_S, choose_replica, reconciled_in_flight
 
 
 @pytest.mark.parametrize(
@@ -44,3 +44,17 @@ def test_a_replica_flushes_streams_less_often_as_more_decode():
     from worker.replica import _flush_interval
 
     assert [_flush_interval(n) for n in (1, 2, 4, 8, 64)] == [0.1, 0.1, 0.2, 0.25, 0.25]
+
+
+def test_a_count_the_replica_cannot_explain_is_dropped_after_a_quiet_spell():
+    assert reconciled_in_flight(counted=2, on_replica=0, quiet_for_s=RECONCILE_QUIET_S + 1) == 0
+
+
+@pytest.mark.parametrize("counted, on_replica, quiet_for_s", [
+    (2, 0, RECONCILE_QUIET_S - 1),  # a request may be on its way to the replica
+    (2, 1, 600.0),  # the replica holds one: the other may be queued ahead of it in Ray
+    (0, 0, 600.0),  # nothing to correct
+    (1, None, 600.0),  # a replica that does not report its count
+])
+def test_a_count_the_replica_may_explain_is_kept(counted, on_replica, quiet_for_s):
+    assert reconciled_in_flight(counted, on_replica, quiet_for_s) is None

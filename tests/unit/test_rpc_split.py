@@ -1,0 +1,66 @@
+"""The plan of a split across machines' GPUs (llama.cpp RPC, issue 13) on the seed machines:
+taken only where it beats the best single node by the margin, never on a node without RPC."""
+
+from __future__ import annotations
+
+import pytest
+
+from orchestrator.core import catalog
+from orchestrator.core.estimate import EstimateOptions
+from orchestrator.core.rpc_split import SPLIT_MARGIN, SplitPlan
+from orchestrator.fit import fit_report
+from orchestrator.machines import load_machines
+
+CODER_32B = catalog.lookup("qwen2.5-coder-32b")  # Q4_K_M: 19.8 GB of weights, 64 layers + output
+
+
+def seed_machines(**changes) -> list:
+    """The three reference machines; `changes` maps a name to fields to override."""
+    return [m.model_copy(update=changes.get(m.name, {})) for m in load_machines()]
+
+
+def report(nodes, ctx: int = 4096, model=CODER_32B):
+    return fit_report(model, EstimateOptions(n_ctx=ctx), nodes, max_slots=1)
+
+
+@pytest.mark.parametrize("ctx", [4096, 8192])
+def test_the_32b_coder_splits_across_the_desktop_and_laptop_gpus_and_is_taken(ctx):
+    r = report(seed_machines(), ctx)
+    assert isinstance(r.split, SplitPlan) and r.split_taken
+    parts = r.split.parts
+    assert r.split.main_node == "desktop" and parts[-1].output  # the big card runs the replica and the output
+    assert {p.node for p in parts[:-1]} <= {"laptop-1", "laptop-2"} and len(parts) >= 2
+    assert sum(p.layers for p in parts) == CODER_32B.n_layers
+    assert [p.first_layer for p in parts] == [sum(q.layers for q in parts[:i]) for i in range(len(parts))]
+    assert all(p.gpu_bytes <= p.usable_vram_bytes for p in parts)
+    best_single = max(n.tokens_per_s for n in report(seed_machines(), ctx).nodes)
+    assert r.split.tokens_per_s >= SPLIT_MARGIN * best_single * 0.99
+
+
+def test_at_4096_tokens_one_laptop_is_enough():
+    r = report(seed_machines(), 4096)
+    assert len(r.split.parts) == 2
+    assert r.split.describe().startswith("desktop ") and r.split.describe().endswith("layers GPU (RPC)")
+
+
+def test_a_split_not_clearly_faster_than_the_desktop_alone_is_not_taken():
+    slow = {"link_rtt_ms": 20.0}  # a poor Wi-Fi link: three round trips a token
+    r = report(seed_machines(**{"laptop-1": slow, "laptop-2": slow}))
+    assert isinstance(r.split, SplitPlan) and not r.split_taken
+    assert "not taken" in r.split_why and "tokens/s" in r.split_why
+
+
+def test_nodes_without_rpc_are_never_split_targets():
+    r = report(seed_machines(**{"laptop-1": {"rpc": False}}))
+    assert isinstance(r.split, SplitPlan) and "laptop-1" not in r.split.nodes
+    assert report(seed_machines(**{"laptop-1": {"rpc": False}, "laptop-2": {"rpc": False}})).split is None
+
+
+def test_a_model_whole_on_one_gpu_is_not_split():
+    assert report(seed_machines(), model=catalog.lookup("llama-2-7b")).split is None
+
+
+def test_a_model_too_big_for_every_gpu_together_says_so_in_numbers():
+    r = report(seed_machines(), model=catalog.lookup("llama-2-70b"))
+    assert isinstance(r.split, str) and not r.split_taken
+    assert "usable VRAM" in r.split and "GiB" in r.split
