@@ -1,7 +1,8 @@
 """keep_alive: how long a model stays loaded after its last request.
 
 The forms Ollama accepts: a number of seconds (`300`, `-1` for ever, `0` unload at once), or
-a duration string (`30s`, `5m`, `1h`, `1h30m`, `-1`, `-1m`). Negative means for ever.
+a duration string (`30s`, `5m`, `1h`, `1h30m`, `-1`, `-1m`). Negative means for ever, and so
+does anything past Ollama's longest duration (about 292 years).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import re
 
 DEFAULT_ON_DEMAND_S = 30 * 60.0
+FOR_EVER_S = (2**63 - 1) / 1e9  # Ollama's longest duration (Go's, in ns: ~292 years); longer is for ever
 _PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
 _UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
@@ -33,7 +35,7 @@ def parse_keep_alive(value: object) -> float | None:
         raise KeepAliveError(f"keep_alive must be seconds or a duration like 5m, not {value!r}")
     if seconds != seconds:  # NaN
         raise KeepAliveError("keep_alive must be a number of seconds")
-    return None if seconds < 0 else seconds
+    return None if seconds < 0 or seconds >= FOR_EVER_S else seconds
 
 
 def _duration(text: str, original: str) -> float:

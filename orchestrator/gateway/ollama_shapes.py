@@ -204,8 +204,9 @@ def running(model: ModelView, architecture: str | None, unloads_in_s: float | No
     if not ready:
         return None
     sizes = [replica_bytes(r) for r in ready]
-    expires = datetime.fromtimestamp(now_s, tz=timezone.utc) + (
-        FOR_EVER if unloads_in_s is None else timedelta(seconds=unloads_in_s))
+    # A keep_alive past Ollama's "for ever" (years in seconds) reads as for ever, not an overflow.
+    forever = unloads_in_s is None or unloads_in_s >= FOR_EVER.total_seconds()
+    expires = datetime.fromtimestamp(now_s, tz=timezone.utc) + (FOR_EVER if forever else timedelta(seconds=unloads_in_s))
     return {
         "name": model.name, "model": model.name,
         "size": sum(s for s, _ in sizes), "size_vram": sum(v for _, v in sizes),

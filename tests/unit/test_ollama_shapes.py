@@ -293,3 +293,9 @@ def test_show_says_the_context_and_what_the_model_can_do():
     assert shown["model_info"]["gemma3.context_length"] == 2048 and shown["capabilities"] == ["completion"]
     assert "num_ctx 2048" in shown["parameters"]
     assert show(view(), None, embedding=True, modified_at="x")["capabilities"] == ["embedding"]
+
+
+@pytest.mark.parametrize("unloads_in_s", [1e12, 1e300])
+def test_ps_reads_a_keep_alive_past_for_ever_as_for_ever_not_an_overflow(unloads_in_s):
+    entry = running(view(ready("desktop")), None, unloads_in_s=unloads_in_s, now_s=0)
+    assert entry["expires_at"] == running(view(ready("desktop")), None, unloads_in_s=None, now_s=0)["expires_at"]
