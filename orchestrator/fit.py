@@ -217,8 +217,10 @@ def node_link(node: NodeHardware) -> Link:
                 bytes_per_s=node.link_mbps * 1e6 / 8 if node.link_mbps else DEFAULT_LINK.bytes_per_s)
 
 
-def split_gpus(nodes: Sequence[NodeHardware], margins: Margins = DEFAULT_MARGINS) -> list[SplitGpu]:
-    return [SplitGpu(n.name, g.index, g.name, usable_vram_bytes(g, margins), g.memory_bandwidth_gbps, node_link(n))
+def split_gpus(nodes: Sequence[NodeHardware], margins: Margins = DEFAULT_MARGINS,
+               calibrations: Mapping[str, float] | None = None) -> list[SplitGpu]:
+    return [SplitGpu(n.name, g.index, g.name, usable_vram_bytes(g, margins), g.memory_bandwidth_gbps, node_link(n),
+                     (calibrations or {}).get(n.name, 1.0))
             for n in nodes if n.rpc for g in n.gpus]
 
 
@@ -229,12 +231,12 @@ def _rpc_split(shape: ModelShape, opts: EstimateOptions, nodes: Sequence[NodeHar
     slots: more slots leave a single node fewer GPU layers (and less speed)."""
     if any(f.verdict == "gpu" for f in fits) or sum(1 for n in nodes if n.rpc and n.gpus) < 2:
         return None, False, None
-    split = plan_split(shape, opts, split_gpus(nodes, margins))
+    split = plan_split(shape, opts, split_gpus(nodes, margins, calibrations))
     if isinstance(split, str):
         return split, False, split
     alone = [_fit_at(shape, opts, n, margins, calibrations.get(n.name, 1.0), need) for n in nodes]
     single = max((f.tokens_per_s for f in alone if f.verdict != "none" and f.tokens_per_s), default=None)
-    taken, why = split_wins(split, single)
+    taken, why = split_wins(split, single, single_runs=any(f.verdict != "none" for f in alone))
     return split, taken, why
 
 

@@ -203,6 +203,7 @@ class BatchedEngine:
         self._admitted = 0
         self._use = 0
         self._cond = threading.Condition()
+        self._model_lock = threading.Lock()  # submit's sampler against close's free of the model
         self._closing = False
         self._thread = threading.Thread(target=self._run, name="batched-decode", daemon=True)
         self._thread.start()
@@ -218,7 +219,10 @@ class BatchedEngine:
         if len(prompt) + max(params.max_tokens, 0) > self.n_ctx_per_slot:
             raise ValueError(f"{len(prompt)} prompt tokens + max_tokens {params.max_tokens} exceed the "
                              f"{self.n_ctx_per_slot} tokens of a slot")
-        sampler = SamplerChain(self.model.vocab, self.n_vocab, params, grammar_gbnf)
+        with self._model_lock:  # close() frees the model the sampler reads
+            if self._closing:
+                raise RuntimeError("the engine is closed")
+            sampler = SamplerChain(self.model.vocab, self.n_vocab, params, grammar_gbnf)
         handle = SequenceHandle(prompt, params, should_stop)
         with self._cond:
             if self._closing:
@@ -279,7 +283,8 @@ class BatchedEngine:
         if self._owner is None and self.model is not None:
             # Weights it loaded itself go now, not whenever the collector runs: a split's weights
             # live on other machines' RPC servers, and freeing them after those stopped aborts.
-            self.model.close()
+            with self._model_lock:
+                self.model.close()
 
     def __enter__(self) -> BatchedEngine:
         return self

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import socket
+import struct
 from functools import cache
 from pathlib import Path
 
@@ -69,10 +70,13 @@ def local_devices() -> list[tuple[str, int, str]]:
 
 def served_device(gpu_index: int | None) -> int:
     """ggml's index of the device a helper node serves: the GPU placement chose (the
-    `gpu_index`-th GPU, in ggml's order), else the CPU (a node without a GPU, or tests)."""
+    `gpu_index`-th GPU, in ggml's order: CUDA_DEVICE_ORDER=PCI_BUS_ID makes it NVML's), else,
+    when none is asked for, the CPU (a node without a GPU, or tests)."""
     devices = local_devices()
     gpus = [i for i, (_, kind, _) in enumerate(devices) if kind == DEVICE_TYPE_GPU]
-    if gpu_index is not None and gpu_index < len(gpus):
+    if gpu_index is not None:
+        if gpu_index >= len(gpus):
+            raise RuntimeError(f"no GPU {gpu_index} here to serve (llama.cpp sees {len(gpus)})")
         return gpus[gpu_index]
     cpus = [i for i, (_, kind, _) in enumerate(devices) if kind == DEVICE_TYPE_CPU]
     if not cpus:
@@ -100,16 +104,47 @@ def rpc_devices(endpoints: list[str], connect_timeout_s: float = 5.0) -> list[in
     add_server = _rpc_function("ggml_backend_rpc_add_server", ctypes.c_void_p, [ctypes.c_char_p])
     out = []
     for endpoint in endpoints:
-        host, _, port = endpoint.rpartition(":")
-        try:
-            socket.create_connection((host.strip("[]"), int(port)), timeout=connect_timeout_s).close()
-        except (OSError, ValueError) as exc:
-            raise RuntimeError(f"llama.cpp's RPC server at {endpoint} does not answer: {exc}") from None
+        problem = _hello(endpoint, connect_timeout_s)
+        if problem is not None:
+            raise RuntimeError(f"llama.cpp's RPC server at {endpoint} {problem}")
         reg = add_server(endpoint.encode())
         if not reg:
             raise RuntimeError(f"cannot reach llama.cpp's RPC server at {endpoint}")
         out += [lib.ggml_backend_reg_dev_get(reg, i) for i in range(lib.ggml_backend_reg_dev_count(reg))]
     return out
+
+
+RPC_CMD_HELLO, RPC_CONN_CAPS_SIZE, RPC_PROTO_MAJOR, RPC_PROTO_MINOR = 14, 24, 7, 0  # ggml-rpc.cpp, this build
+
+
+def _hello(endpoint: str, timeout_s: float) -> str | None:
+    """llama.cpp's HELLO, with a timeout: what is wrong with the server at `endpoint`, or None.
+    llama.cpp's own client aborts the process on a failed or mismatched handshake and waits
+    for ever on a server busy with another client (it serves one at a time)."""
+    host, _, port = endpoint.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s) as sock:
+            sock.settimeout(timeout_s)
+            sock.sendall(bytes([RPC_CMD_HELLO]) + struct.pack("<Q", RPC_CONN_CAPS_SIZE) + bytes(RPC_CONN_CAPS_SIZE))
+            size = struct.unpack("<Q", _recv(sock, 8))[0]
+            if size != 4 + RPC_CONN_CAPS_SIZE:
+                return f"answered the handshake with {size} bytes: not llama.cpp's RPC protocol v{RPC_PROTO_MAJOR}"
+            major, minor, patch = _recv(sock, size)[:3]
+    except (OSError, ValueError) as exc:
+        return f"does not answer: {exc}"
+    if major != RPC_PROTO_MAJOR or minor > RPC_PROTO_MINOR:
+        return f"speaks RPC protocol {major}.{minor}.{patch}; this llama.cpp speaks {RPC_PROTO_MAJOR}.{RPC_PROTO_MINOR}"
+    return None
+
+
+def _recv(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise ConnectionError("closed the connection")
+        data += chunk
+    return data
 
 
 def local_gpu_device(gpu_index: int) -> int | None:

@@ -27,6 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.parent_pid is not None and not _die_with_parent(args.parent_pid):
         return 1
+    # The GPU number is placement's (NVML's, in PCI bus order); CUDA's own order is fastest first.
+    os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
     if not ggml_rpc.supported():
         print("this llama.cpp has no RPC backend (build llama-cpp-python with CMAKE_ARGS=-DGGML_RPC=on)",
               file=sys.stderr)
@@ -35,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     name, _, description = ggml_rpc.local_devices()[device]
     print(f"serving {name} ({description}) at {args.endpoint}", file=sys.stderr, flush=True)
     ggml_rpc.start_server(args.endpoint, device, args.threads or max(1, (os.cpu_count() or 2) // 2))
-    return 0
+    return 1  # it returns only when it could not serve (llama.cpp has said why)
 
 
 def _die_with_parent(parent_pid: int) -> bool:

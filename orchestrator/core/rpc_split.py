@@ -68,6 +68,7 @@ class SplitGpu:
     usable_vram_bytes: int
     bandwidth_gbps: float | None
     link: Link = DEFAULT_LINK  # to the main node (unused for the main node's own GPU)
+    speed_factor: float = 1.0  # its node's calibration, as the single-node prediction has it
 
 
 @dataclass(frozen=True)
@@ -166,7 +167,7 @@ def _tokens_per_s(shape: ModelShape, parts: list[SplitPart], devices: list[Split
         read += shape.output_bytes if part.output else 0
         if shape.n_expert and shape.n_expert_used:  # MoE: only the routed experts are read
             read = int(read * shape.n_expert_used / shape.n_expert)
-        seconds += read / (device.bandwidth_gbps * GB * GPU_DECODE_EFFICIENCY)
+        seconds += read / (device.bandwidth_gbps * GB * GPU_DECODE_EFFICIENCY * device.speed_factor)
     return 1.0 / seconds
 
 
@@ -174,10 +175,13 @@ def _network_s(shape: ModelShape, helpers: Sequence[SplitGpu]) -> float:
     return sum(h.link.seconds_per_token(shape.n_embd) for h in helpers)
 
 
-def split_wins(split: SplitPlan, single_tokens_per_s: float | None) -> tuple[bool, str]:
-    """Whether to take the split over the best single-node option, and why, in numbers."""
+def split_wins(split: SplitPlan, single_tokens_per_s: float | None, single_runs: bool = False) -> tuple[bool, str]:
+    """Whether to take the split over the best single-node option (`single_runs`: some node
+    runs the model alone, its speed known or not), and why, in numbers."""
     if split.tokens_per_s is None:
         return False, "a GPU's memory bandwidth is unknown: no speed to compare"
+    if not single_tokens_per_s and single_runs:
+        return False, "a single node runs it, at a speed not known: no speed to compare"
     if not single_tokens_per_s:
         return True, f"~{split.tokens_per_s:.1f} tokens/s split; no single node runs it"
     ratio = split.tokens_per_s / single_tokens_per_s

@@ -240,7 +240,23 @@ class ChatRequest(GenerationFields):
     tools: list[Tool] | None = Field(None, description="Functions the model may call (OpenAI's tool shape).")
 
     def engine_messages(self) -> list[dict[str, Any]]:
-        return [message.engine_message(index) for index, message in enumerate(self.messages)]
+        """The messages as the engine takes them (OpenAI's shape). Ollama's tool results carry no
+        call id: each answers a call of the latest assistant message, the one of its
+        `tool_name` where given, else the next in order."""
+        out: list[dict[str, Any]] = []
+        calls: list[dict] = []  # the latest assistant's calls not yet answered
+        for index, message in enumerate(self.messages):
+            engine = message.engine_message(index)
+            if message.tool_calls:
+                calls = list(engine["tool_calls"])
+            elif message.role == "tool" and calls:
+                named = [c for c in calls if c["function"]["name"] == message.tool_name]
+                call = (named or calls)[0]
+                calls.remove(call)
+                engine["tool_call_id"] = call["id"]
+                engine.setdefault("name", call["function"]["name"])
+            out.append(engine)
+        return out
 
     def sampling(self) -> dict[str, Any]:
         tools = [tool.engine_form() for tool in self.tools] if self.tools else None
@@ -281,7 +297,7 @@ class GenerateRequest(GenerationFields):
     def _raw_alone(self) -> "GenerateRequest":
         if self.raw and self.system:
             raise invalid("system has no effect with raw: true (the prompt is sent as it is)", "system")
-        if self.raw and self.format:
+        if self.raw and self.format not in (None, ""):  # {} is a schema too
             raise unsupported_value("format needs the chat template: send raw: false", "format")
         return self
 

@@ -111,6 +111,9 @@ class OllamaStream:
             except json.JSONDecodeError:
                 self.error_status = 502
                 return [error_line("the model's tool call arguments are not JSON")]
+            if not all(isinstance(c["function"]["arguments"], dict) for c in calls):  # Ollama's is an object
+                self.error_status = 502
+                return [error_line("the model's tool call arguments are not a JSON object")]
             out.append(self._piece("", tool_calls=calls))
         now = self.clock()
         accepted = self.accepted_ns if self.accepted_ns is not None else self.started_ns

@@ -167,7 +167,9 @@ class Relay:
                     replica.handle.cancel.remote(request_id)
                     await asyncio.wait({pending}, timeout=self.disconnect_poll_s)
                     break
-            return await pending
+            # The client left: the replica stops at its next token; a stuck one still times out.
+            remaining = max(self.disconnect_poll_s, deadline - asyncio.get_running_loop().time())
+            return await asyncio.wait_for(pending, remaining)
         finally:
             pending.cancel()  # a no-op once done
 
@@ -254,8 +256,8 @@ class Relay:
                     flight.first_token_at = time.monotonic()
                 if isinstance(item, bytes) and item.endswith(SSE_DONE):  # the last item: its usage
                     flight.usage = usage_of_final_item(item)
+                    served = True  # a stream the replica ended without [DONE] (cancelled) was not served
                 yield item
-            served = True
         except Exception as exc:
             # Mid-stream the status is sent already: an error event, then the stream ends.
             flight.failed(exc)

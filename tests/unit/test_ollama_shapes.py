@@ -141,8 +141,20 @@ def test_chat_messages_reach_the_engine_with_tool_calls_as_json_text_and_tool_re
     assert assistant["content"] is None
     assert assistant["tool_calls"] == [{"id": "call_1_0", "type": "function",
                                         "function": {"name": "weather", "arguments": '{"c": 1}'}}]
-    assert tool["name"] == "weather" and tool["content"] == "sunny"
+    assert tool["name"] == "weather" and tool["content"] == "sunny" and tool["tool_call_id"] == "call_1_0"
     assert body.sampling()["tools"] is None  # the ollama client always sends a list, empty when none
+
+
+def test_tool_results_answer_the_latest_assistants_calls_by_name_else_in_order():
+    body = ChatRequest.model_validate({"model": MODEL, "tools": [], "messages": [
+        {"role": "user", "content": "Weather and time?"},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"function": {"name": "weather", "arguments": {}}}, {"function": {"name": "clock", "arguments": {}}}]},
+        {"role": "tool", "content": "12:00", "tool_name": "clock"},
+        {"role": "tool", "content": "sunny"}]})  # no tool_name: the call not yet answered
+    _, _, clock, weather = body.engine_messages()
+    assert (clock["tool_call_id"], clock["name"]) == ("call_1_1", "clock")
+    assert (weather["tool_call_id"], weather["name"]) == ("call_1_0", "weather")
 
 
 def test_generate_uses_the_chat_template_with_its_system_prompt_unless_raw():
@@ -213,6 +225,16 @@ def test_tool_calls_come_as_one_message_with_parsed_arguments_and_finish_as_stop
     assert out[-1]["done_reason"] == "stop"
     whole = fold(out)
     assert whole["message"]["tool_calls"][0]["function"]["name"] == "weather" and whole["done"] is True
+
+
+@pytest.mark.parametrize("arguments", ["[1, 2]", "null", '"Paris"', "{not json"])
+def test_tool_call_arguments_that_are_no_json_object_end_the_answer_with_an_error(arguments):
+    """Ollama's arguments are an object (its client rejects anything else): a 502 error line."""
+    stream = OllamaStream("chat", MODEL, started_ns=0)
+    call = {"index": 0, "id": "call_1", "type": "function", "function": {"name": "weather", "arguments": arguments}}
+    out = stream.feed(sse(chat_chunk(tool_calls=[call])) + sse(chat_chunk(finish="tool_calls", usage=USAGE))
+                      + sse("[DONE]"))
+    assert "error" in out[-1] and "arguments" in out[-1]["error"] and stream.error_status == 502
 
 
 def test_fold_joins_the_pieces_into_one_answer_with_the_last_objects_counts():

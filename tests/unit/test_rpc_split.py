@@ -64,3 +64,21 @@ def test_a_model_too_big_for_every_gpu_together_says_so_in_numbers():
     r = report(seed_machines(), model=catalog.lookup("llama-2-70b"))
     assert isinstance(r.split, str) and not r.split_taken
     assert "usable VRAM" in r.split and "GiB" in r.split
+
+
+def test_a_speed_factor_slows_the_split_cards_as_it_slows_a_single_node():
+    """Calibration scales each card's reads, on both sides of the comparison; on a fast LAN the
+    network is a small part, so the ratio hardly moves."""
+    nodes = seed_machines()
+    plain = fit_report(CODER_32B, EstimateOptions(n_ctx=4096), nodes, max_slots=1)
+    scaled = fit_report(CODER_32B, EstimateOptions(n_ctx=4096), nodes, max_slots=1,
+                        calibrations={n.name: 0.7 for n in nodes})
+    assert scaled.split.tokens_per_s < 0.75 * plain.split.tokens_per_s
+    ratio = lambda r: r.split.tokens_per_s / max(n.tokens_per_s for n in r.nodes)  # noqa: E731
+    assert abs(ratio(scaled) / ratio(plain) - 1) < 0.05
+
+
+def test_a_single_node_of_unknown_speed_is_no_reason_to_split():
+    nodes = seed_machines(**{name: {"ram_bandwidth_gbps": None} for name in ("desktop", "laptop-1", "laptop-2")})
+    r = report(nodes)
+    assert isinstance(r.split, SplitPlan) and not r.split_taken and "not known" in r.split_why
