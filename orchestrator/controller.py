@@ -267,9 +267,14 @@ class Controller(CopyFlow, Residency, Drain, ReplicaFaults, Rebalance, WakeOnLan
         the load progress of each loading one."""
         ready = [r for r in self.replicas.values() if r.state in ("ready", "loading", "unloading")]
         infos = await asyncio.gather(
-            *(self.cluster.info(r.handle, timeout_s=max(5.0, 2 * self.interval_s)) for r in ready),
+            *(self.cluster.info(r.handle, timeout_s=max(5.0, 2 * self.interval_s)) for r in [*ready, *self.retiring]),
             return_exceptions=True,
         )
+        # Retiring replicas (moved away from) stop once idle: their count must be true too.
+        for replica, info in zip(self.retiring, infos[len(ready):]):
+            if not isinstance(info, BaseException):
+                replica.info = info
+                self._reconcile_flights(replica)
         for replica, info in zip(ready, infos):
             if isinstance(info, BaseException):
                 if self.cluster.is_dead_actor_error(info) and replica.state != "loading":

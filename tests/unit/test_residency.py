@@ -337,3 +337,25 @@ def test_a_slot_a_lost_path_never_released_is_given_back_and_its_late_release_ch
     assert [e["kind"] for e in controller.events].count("reconciled") == 1
     lost.end(served=False, cancel=False)  # the old flight ends at last: the new one keeps its count
     assert replica.in_flight == 1
+
+
+def test_a_slot_leaked_on_a_replica_that_moved_away_is_given_back_so_it_stops(monkeypatch):
+    import orchestrator.rebalance
+
+    monkeypatch.setattr(orchestrator.rebalance, "REBALANCE_SETTLE_S", 0.0)
+
+    class Cluster(RejoiningCluster, CountingCluster):
+        pass
+
+    cluster = Cluster(["desktop", "laptop-1"])
+    cluster.alive["laptop-1"] = False
+    controller = Controller(config([{"name": "small", "path": SEVEN_B, "context": 4096, "parallel": 1}]), cluster)
+    run_ticks(controller)
+    old = controller.replicas[("small", 0)]
+    old.in_flight = 1  # a slot some path never released
+    cluster.wake("laptop-1")
+    run_ticks(controller, 4)
+    assert controller.replicas[("small", 0)].node_name == "laptop-1" and old in controller.retiring
+    old.flights_changed_at -= 60.0
+    run_ticks(controller, 2)
+    assert old.in_flight == 0 and cluster.killed == ["small#0"] and not controller.retiring
