@@ -73,7 +73,7 @@ def served_device(gpu_index: int | None) -> int:
     `gpu_index`-th GPU, in ggml's order: CUDA_DEVICE_ORDER=PCI_BUS_ID makes it NVML's), else,
     when none is asked for, the CPU (a node without a GPU, or tests)."""
     devices = local_devices()
-    gpus = [i for i, (_, kind, _) in enumerate(devices) if kind == DEVICE_TYPE_GPU]
+    gpus = _gpu_indices(devices)
     if gpu_index is not None:
         if gpu_index >= len(gpus):
             raise RuntimeError(f"no GPU {gpu_index} here to serve (llama.cpp sees {len(gpus)})")
@@ -149,6 +149,10 @@ def _recv(sock: socket.socket, n: int) -> bytes:
 
 def local_gpu_device(gpu_index: int) -> int | None:
     """This process's `gpu_index`-th GPU as a ggml device (None where it has none)."""
-    lib = _ggml()
-    gpus = [i for i, (_, kind, _) in enumerate(local_devices()) if kind == DEVICE_TYPE_GPU]
-    return lib.ggml_backend_dev_get(gpus[gpu_index]) if gpu_index < len(gpus) else None
+    gpus = _gpu_indices(local_devices())
+    return _ggml().ggml_backend_dev_get(gpus[gpu_index]) if gpu_index < len(gpus) else None
+
+
+def _gpu_indices(devices: list[tuple[str, int, str]]) -> list[int]:
+    """ggml's indices of its GPUs, in its order."""
+    return [i for i, (_, kind, _) in enumerate(devices) if kind == DEVICE_TYPE_GPU]

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, WithJsonSchema, field_validator, model_validator
+from pydantic import AfterValidator, Field, WithJsonSchema, field_validator, model_validator
 
 from orchestrator.gateway.output_format import Tool
 from orchestrator.gateway.request_model import OpenAIObject, OpenAIRequest, invalid, unsupported, unsupported_value
@@ -140,7 +140,13 @@ def format_engine_form(value: str | dict | None) -> dict | None:
 Format = Annotated[str | dict[str, Any] | None, WithJsonSchema({"anyOf": [
     {"enum": ["", "json"]}, {"type": "object", "description": "A JSON Schema the answer must match."},
     {"type": "null"}]})]
-NoImages = Annotated[list[str] | None, WithJsonSchema({"type": "array", "maxItems": 0})]
+def _no_images(value: list[str] | None) -> list[str] | None:
+    if value:
+        raise unsupported_value("images are not supported: no vision models are served here")
+    return value
+
+
+NoImages = Annotated[list[str] | None, AfterValidator(_no_images), WithJsonSchema({"type": "array", "maxItems": 0})]
 NoThinking = Annotated[bool | str | None, WithJsonSchema({"enum": [False, None]})]
 
 
@@ -205,13 +211,6 @@ class Message(OpenAIObject):
     tool_name: str | None = Field(None, description="On a tool message: the function whose result it is.")
     thinking: Annotated[str | None, WithJsonSchema({"type": "null"})] = Field(None, description="Only null.")
 
-    @field_validator("images")
-    @classmethod
-    def _no_images(cls, value):
-        if value:
-            raise unsupported_value("images are not supported: no vision models are served here")
-        return value
-
     @field_validator("thinking")
     @classmethod
     def _no_thoughts(cls, value):
@@ -274,13 +273,6 @@ class GenerateRequest(GenerationFields):
         None, description="Not supported: the model's own chat template is used.")
     context: Annotated[list[int] | None, WithJsonSchema({"type": "array", "maxItems": 0})] = Field(
         None, description="Not supported: send the conversation to /api/chat.")
-
-    @field_validator("images")
-    @classmethod
-    def _no_images(cls, value):
-        if value:
-            raise unsupported_value("images are not supported: no vision models are served here")
-        return value
 
     @field_validator("suffix", "template", "context")
     @classmethod
