@@ -59,6 +59,17 @@ class Cluster(Protocol):
 
     async def remove_copy(self, agent: AgentHandle, name: str) -> dict: ...
 
+    # ---- llama.cpp RPC servers of helper nodes, for splits across machines (worker/rpc_servers.py)
+    async def start_rpc_server(self, agent: AgentHandle, port: int, gpu_index: int | None) -> dict:
+        """{"endpoint": "HOST:PORT"} once the node's server listens, or {"error": why}."""
+        ...
+
+    async def stop_rpc_server(self, agent: AgentHandle, port: int) -> bool: ...
+
+    def round_trip_ms(self, host: str, port: int) -> float | None:
+        """The network round trip from here to a node's listening port (None: no answer)."""
+        ...
+
     # ---- replicas
     def start_replica(self, node_id: str, replica_id: str, settings: dict) -> ReplicaHandle: ...
 

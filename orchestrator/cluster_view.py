@@ -36,6 +36,15 @@ class NodeView(BaseModel):
     wake_mac: str | None = Field(None, description="MAC the head sends Wake-on-LAN to while the node sleeps.")
 
 
+class HelperView(BaseModel):
+    """A helper node's GPU in a split across machines (llama.cpp RPC)."""
+
+    node: str
+    gpu_index: int
+    layers: int = Field(..., description="Offloaded layers on that GPU (the first ones).")
+    gpu_bytes: int = Field(0, description="Estimated VRAM of its part.")
+
+
 class ReplicaView(BaseModel):
     replica_id: str
     node: str | None = None
@@ -56,6 +65,12 @@ class ReplicaView(BaseModel):
     prompt_tokens: int = Field(0, description="Prompt tokens of the requests it served (from their `usage`).")
     completion_tokens: int = Field(0, description="Answer tokens it generated for the requests it served.")
     transfer: TransferProgress | None = Field(None, description="Its file coming to the node (copying/downloading).")
+    helpers: list[HelperView] = Field(
+        default_factory=list, description="Split across machines: the other nodes' GPUs, over llama.cpp RPC."
+    )
+    predicted_tokens_per_s: float | None = Field(None, description="Decode speed placement predicted, where a "
+                                                 "split across machines was weighed.")
+    split_why: str | None = Field(None, description="Why a split across machines was (not) taken, in numbers.")
 
     @computed_field  # the closed loop: how far the estimate was from what the replica really uses
     @property
@@ -72,6 +87,10 @@ class ReplicaView(BaseModel):
         """GPU/CPU split the way `ollama ps` prints it."""
         if self.total_layers <= 0 or self.state not in ("ready", "loading", "copying", "downloading"):
             return "-"
+        if self.helpers:  # `desktop 45 layers GPU + laptop-1 20 layers GPU (RPC)`
+            home = self.gpu_layers - sum(h.layers for h in self.helpers)
+            return " + ".join([f"{self.node} {home} layers GPU"]
+                              + [f"{h.node} {h.layers} layers GPU (RPC)" for h in self.helpers])
         if self.gpu_layers <= 0:
             return "100% CPU"
         if self.gpu_layers >= self.total_layers:

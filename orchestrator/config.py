@@ -99,6 +99,14 @@ class ClusterConfig(_Strict):
     copy_attempts: int = Field(
         3, ge=1, le=20, description="Fetches of a file whose SHA-256 does not match before the model is failed."
     )
+    rpc_port: int = Field(
+        50052, ge=1, le=65535, description="First port of the llama.cpp RPC servers that helper nodes run for splits "
+        "across machines (one port per split on a node, counting up); bound to the node's cluster address only."
+    )
+    rpc_split: bool = Field(
+        True, description="Split a model that no GPU holds whole across the GPUs of RPC-capable nodes, where that "
+        "is predicted faster than the best single node (false: never)."
+    )
     wake_timeout_s: float = Field(
         120.0, gt=0, description="How long a request waits for a sleeping machine sent Wake-on-LAN (the only one "
         "that can hold its model) to come back; its load time counts after that."

@@ -34,6 +34,7 @@ from orchestrator.drain import Drain
 from orchestrator.rebalance import Rebalance
 from orchestrator.replica_faults import ReplicaFaults
 from orchestrator.residency import Residency
+from orchestrator.rpc_helpers import RpcHelpers
 from orchestrator.wake import WakeOnLan
 
 log = logging.getLogger(__name__)
@@ -62,11 +63,19 @@ class NodeRecord:
     measured_ram_bandwidth_gbps: float | None = None  # effective, from a CPU-only replica
     draining: bool = False  # placement leaves it out (orchestrator/drain.py)
     mac: str | None = None  # for Wake-on-LAN, as its agent reported it; kept while it sleeps
+    rpc_servers: list[dict] | None = None  # its llama.cpp RPC servers, as its agent last listed them
+    measured_link_rtt_ms: float | None = None  # round trip from the head (orchestrator/rpc_helpers.py)
 
     def hardware_with_measurements(self) -> NodeHardware | None:
-        if self.hardware is None or self.measured_ram_bandwidth_gbps is None or self.hardware.ram_bandwidth_gbps:
-            return self.hardware
-        return self.hardware.model_copy(update={"ram_bandwidth_gbps": self.measured_ram_bandwidth_gbps})
+        """Its hardware, with what was measured where the report leaves a figure unknown."""
+        if self.hardware is None:
+            return None
+        update = {}
+        if self.measured_ram_bandwidth_gbps is not None and not self.hardware.ram_bandwidth_gbps:
+            update["ram_bandwidth_gbps"] = self.measured_ram_bandwidth_gbps
+        if self.measured_link_rtt_ms is not None and self.hardware.link_rtt_ms is None:
+            update["link_rtt_ms"] = self.measured_link_rtt_ms
+        return self.hardware.model_copy(update=update) if update else self.hardware
 
 
 @dataclass
@@ -103,7 +112,7 @@ class ReplicaRecord:
         return self.state in ("copying", "downloading")
 
 
-class Controller(CopyFlow, Residency, Drain, ReplicaFaults, Rebalance, WakeOnLan):  # Drain first: its _may_start
+class Controller(CopyFlow, Residency, Drain, ReplicaFaults, Rebalance, WakeOnLan, RpcHelpers):  # Drain first: its _may_start
     def __init__(self, config: HomefleetConfig, cluster: Cluster, interval_s: float | None = None) -> None:
         self.config = config
         self.cluster = cluster
@@ -132,6 +141,7 @@ class Controller(CopyFlow, Residency, Drain, ReplicaFaults, Rebalance, WakeOnLan
         self._init_rebalance()
         self._init_drain()
         self._init_wake_on_lan()
+        self._init_rpc_helpers()
 
     @property
     def models(self) -> dict[str, ModelConfig]:
@@ -162,10 +172,15 @@ class Controller(CopyFlow, Residency, Drain, ReplicaFaults, Rebalance, WakeOnLan
             await self._cancel_transfer(record)
         for record in list(self.replicas.values()) + list(self.failed_keys.values()):
             await self._kill(record.handle)
+        self.replicas.clear()
+        for record in [*self.retiring, *self.moves.values()]:
+            await self._kill(record.handle)
+        self.retiring.clear()
+        self.moves.clear()
+        await self._stop_unused_rpc_servers()
         for node in self.nodes.values():
             if node.agent is not None:
                 await self._kill(node.agent)
-        self.replicas.clear()
 
     async def _kill(self, handle) -> None:
         await asyncio.to_thread(self.cluster.kill, handle)  # a GCS round trip: not on the loop
@@ -186,6 +201,8 @@ class Controller(CopyFlow, Residency, Drain, ReplicaFaults, Rebalance, WakeOnLan
         # After placing: a replica found dead here is placed again next tick, once the node
         # list says whether its node is still there.
         await self._poll_replicas()
+        await self._stop_unused_rpc_servers()
+        await self._measure_links()
         self.ticks += 1
 
     # ---- observe -----------------------------------------------------------------------
@@ -210,16 +227,20 @@ class Controller(CopyFlow, Residency, Drain, ReplicaFaults, Rebalance, WakeOnLan
                 record.alive = False
             if node_id in was_alive and not record.alive:
                 self._record_node_gone(record, "not seen by Ray" if node_id not in seen else "Ray reports it dead")
+        live_names = {r.name for r in self.nodes.values() if r.alive}
         for key, replica in list(self.replicas.items()):
             node = self.nodes.get(replica.node_id)
-            if node is None or not node.alive:
-                log.warning("node %s is gone: %s will be placed again", replica.node_name, replica.replica_id)
+            helpers_gone = [h.node for h in replica.assignment.helpers if h.node not in live_names]
+            if node is None or not node.alive or helpers_gone:
+                gone = replica.node_name if not helpers_gone else f"helper {', '.join(helpers_gone)}"
+                log.warning("node %s is gone: %s will be placed again", gone, replica.replica_id)
                 del self.replicas[key]
                 await self._kill(replica.handle)
 
     def _record_node_gone(self, node: NodeRecord, why: str) -> None:
         name = node.name or node.node_id
-        on_it = sorted(r.replica_id for r in self.replicas.values() if r.node_id == node.node_id)
+        on_it = sorted(r.replica_id for r in self.replicas.values()
+                       if r.node_id == node.node_id or name in (h.node for h in r.assignment.helpers))
         then = f"; {', '.join(on_it)} will be placed again" if on_it else ""
         self.record_event("node_gone", "*", name, f"{name} ({node.address}) left the cluster: {why}{then}")
 
@@ -261,6 +282,7 @@ class Controller(CopyFlow, Residency, Drain, ReplicaFaults, Rebalance, WakeOnLan
             node.store_key = report.get("store_key")
             node.mac = report.get("mac") or node.mac
             node.transfers = {t["transfer_id"]: TransferProgress.model_validate(t) for t in report.get("transfers", ())}
+            node.rpc_servers = report.get("rpc_servers")
 
     async def _poll_replicas(self) -> None:
         """Measured memory of each ready replica, so the ledger and the views trust real figures;
@@ -309,6 +331,8 @@ class Controller(CopyFlow, Residency, Drain, ReplicaFaults, Rebalance, WakeOnLan
         shape = self.shapes.get(replica.model)
         if not measured or node is None or node.hardware is None or shape is None:
             return
+        if replica.assignment.helpers:
+            return self._calibrate_split(replica)
         if node.hardware.source != "probe":
             return  # a declared machine: this host's speed says nothing about it
         a = replica.assignment
@@ -455,7 +479,7 @@ class Controller(CopyFlow, Residency, Drain, ReplicaFaults, Rebalance, WakeOnLan
         self._forgive_failures()
         demands = [d for d in demands if self._may_start((d.model, d.replica))]
         current = [r.assignment for r in self.replicas.values()]
-        result = place(self._ledger_snapshots(), demands, current=current)
+        result = place(self._ledger_snapshots(), demands, current=current, splitter=self._splitter())
         self.unplaced = {}
         for miss in result.unplaced:
             self.unplaced.setdefault(miss.model, miss)
@@ -522,6 +546,7 @@ class Controller(CopyFlow, Residency, Drain, ReplicaFaults, Rebalance, WakeOnLan
             "embedding": model.embedding,
             "parallel": 1 if model.embedding else assignment.parallel,
             "gpu_index": assignment.gpu_index,
+            **self._helper_settings(assignment),
         }
         record = ReplicaRecord(
             model=model.name,
@@ -532,7 +557,10 @@ class Controller(CopyFlow, Residency, Drain, ReplicaFaults, Rebalance, WakeOnLan
             handle=None,
             transfer=transfer,
         )
-        record.handle = self.cluster.start_replica(node.node_id, record.replica_id, settings)
+        try:
+            record.handle = self.cluster.start_replica(node.node_id, record.replica_id, settings)
+        finally:
+            self._adopt_rpc_uses((model.name, assignment.replica), record if record.handle is not None else None)
         return record
 
     def _spawn(self, coroutine) -> None:
@@ -542,6 +570,14 @@ class Controller(CopyFlow, Residency, Drain, ReplicaFaults, Rebalance, WakeOnLan
 
     async def _load(self, record: ReplicaRecord) -> None:
         key = (record.model, record.index)
+        if record.assignment.helpers:
+            refused = await self._start_helpers(record)
+            if refused is not None:
+                if self.replicas.get(key) is record:
+                    del self.replicas[key]
+                await self._kill(record.handle)
+                await self._split_refused(record, refused)
+                return
         try:
             info = await self.cluster.load(record.handle, self.config.gateway.load_timeout_s)
         except asyncio.TimeoutError:
@@ -642,6 +678,8 @@ def _placement_reason(a: Assignment, holds_file: bool) -> str:
     """'gemma#0 on desktop: whole on GPU 0 (1.2 GiB VRAM), 2 slots; the node holds its file'."""
     if a.kind == "gpu":
         where = f"whole on GPU {a.gpu_index} ({format_bytes(a.gpu_bytes)} VRAM)"
+    elif a.kind == "rpc":
+        where = f"across machines, {a.describe()}: {a.split_why}"
     elif a.kind == "split":
         where = (f"{a.gpu_layers}/{a.n_layers} layers on GPU {a.gpu_index} ({format_bytes(a.gpu_bytes)} VRAM), "
                  f"the rest in RAM ({format_bytes(a.ram_bytes)})")

@@ -5,7 +5,15 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from orchestrator.cluster_view import ClusterView, EventView, ModelFileView, ModelView, NodeView, ReplicaView
+from orchestrator.cluster_view import (
+    ClusterView,
+    EventView,
+    HelperView,
+    ModelFileView,
+    ModelView,
+    NodeView,
+    ReplicaView,
+)
 from orchestrator.core.keep_alive import describe_keep_alive
 
 EVENTS_SHOWN = 100  # placements are events too: room for as many loads and unloads as before
@@ -97,4 +105,7 @@ def _replica_view(r: ReplicaRecord) -> ReplicaView:
         prompt_tokens=r.prompt_tokens,
         completion_tokens=r.completion_tokens,
         transfer=r.transfer,
+        helpers=[HelperView(**vars(h)) for h in a.helpers],
+        predicted_tokens_per_s=a.tokens_per_s,
+        split_why=a.split_why,
     )

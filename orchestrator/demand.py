@@ -88,10 +88,16 @@ def fixed_slots(model: ModelConfig) -> int | None:
     return 1 if model.embedding else model.parallel
 
 
+def estimate_options(model: ModelConfig, n_slots: int = 1) -> EstimateOptions:
+    """The estimate's options for a model's context settings, at `n_slots` slots."""
+    return EstimateOptions(n_ctx=model.context, kv_type=model.kv_type, flash_attn=bool(model.flash_attn),
+                           n_slots=n_slots)
+
+
 def estimate_need(shape: ModelShape, model: ModelConfig) -> tuple[int, SlotNeeds]:
     """The analytic estimate (orchestrator/core/estimate.py) with the model's context settings:
     the batched engine's context per slot count, or `Llama`'s for an embedding model."""
-    opts = EstimateOptions(n_ctx=model.context, kv_type=model.kv_type, flash_attn=bool(model.flash_attn))
+    opts = estimate_options(model)
     if model.embedding:  # llama-cpp-python's defaults: full sliding-window cache, a ubatch of logits
         need = need_function(shape, EstimateOptions(n_ctx=model.context, kv_type=model.kv_type,
                                                     flash_attn=bool(model.flash_attn), swa_full=True, n_outputs_max=0))

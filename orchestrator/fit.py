@@ -32,7 +32,7 @@ from orchestrator.core.estimate import EstimateOptions, MemoryEstimate, estimate
 from orchestrator.core.hardware import GpuInfo, NodeHardware, format_bytes
 from orchestrator.core.model_shape import ModelShape
 from orchestrator.core.placement import DEFAULT_MARGINS, DEFAULT_MAX_SLOTS, Margins
-from orchestrator.core.rpc_split import DEFAULT_LINK, Link, SplitGpu, SplitPlan, plan_split, split_wins
+from orchestrator.core.rpc_split import DEFAULT_LINK, Link, SplitGpu, SplitPlan, decide_split
 
 GPU_DECODE_EFFICIENCY = 0.7  # share of peak VRAM bandwidth llama.cpp's decode reaches
 CPU_DECODE_EFFICIENCY = 0.55  # share of peak RAM bandwidth (dual-channel DDR4/DDR5)
@@ -231,13 +231,10 @@ def _rpc_split(shape: ModelShape, opts: EstimateOptions, nodes: Sequence[NodeHar
     slots: more slots leave a single node fewer GPU layers (and less speed)."""
     if any(f.verdict == "gpu" for f in fits) or sum(1 for n in nodes if n.rpc and n.gpus) < 2:
         return None, False, None
-    split = plan_split(shape, opts, split_gpus(nodes, margins, calibrations))
-    if isinstance(split, str):
-        return split, False, split
     alone = [_fit_at(shape, opts, n, margins, calibrations.get(n.name, 1.0), need) for n in nodes]
     single = max((f.tokens_per_s for f in alone if f.verdict != "none" and f.tokens_per_s), default=None)
-    taken, why = split_wins(split, single, single_runs=any(f.verdict != "none" for f in alone))
-    return split, taken, why
+    return decide_split(shape, opts, split_gpus(nodes, margins, calibrations), single,
+                        single_runs=any(f.verdict != "none" for f in alone))
 
 
 def host_need_bytes(e: MemoryEstimate) -> int:

@@ -40,7 +40,7 @@ def plan_to_dict(
     """The same plan as JSON-ready data (bytes as integers)."""
     return {
         "nodes": [_node_dict(n) for n in nodes],
-        "assignments": [asdict(a) for a in result.assignments],
+        "assignments": [{**asdict(a), "helpers": [asdict(h) for h in a.helpers]} for a in result.assignments],
         "unplaced": [{"model": u.model, "replica": u.replica, "reasons": dict(u.reasons)} for u in result.unplaced],
         "problems": dict(problems or {}),
     }
@@ -87,7 +87,21 @@ def _placement_section(result: PlacementResult, nodes: Sequence[NodeSnapshot], p
         for a in result.assignments
     ]
     headers = ["MODEL", "REPLICA", "NODE", "GPU", "LAYERS ON GPU", "EST. VRAM", "EST. RAM", "KIND", "SLOTS"]
-    return "PLACEMENT\n" + _table(headers, rows, right_aligned={5, 6})
+    return "PLACEMENT\n" + _table(headers, rows, right_aligned={5, 6}) + _splits_weighed(result.assignments)
+
+
+def _splits_weighed(assignments: Sequence[Assignment]) -> str:
+    """Under the table, each split across machines that was weighed: both options and the verdict."""
+    lines = []
+    for a in assignments:
+        if a.kind == "rpc":
+            lines.append(f"{a.model}#{a.replica} across machines (llama.cpp RPC): {a.describe()}")
+        elif a.split_why:
+            lines.append(f"{a.model}#{a.replica} across machines (llama.cpp RPC) weighed:")
+        else:
+            continue
+        lines.append(f"{REASON_INDENT}{a.split_why}")
+    return "\n\n" + "\n".join(lines) if lines else ""
 
 
 def _unplaced_section(result: PlacementResult, problems: Mapping[str, str]) -> str:

@@ -4,6 +4,9 @@ call them with timeouts, kill them. Everything Ray-specific the controller needs
 from __future__ import annotations
 
 import asyncio
+import socket
+import statistics
+import time
 from dataclasses import dataclass
 
 import ray
@@ -75,6 +78,16 @@ class RayCluster:
     async def remove_copy(self, agent, name: str) -> dict:
         return await asyncio.wait_for(_awaitable(agent.remove_copy.remote(name)), 30)
 
+    async def start_rpc_server(self, agent, port: int, gpu_index: int | None) -> dict:
+        return await asyncio.wait_for(_awaitable(agent.start_rpc_server.remote(port, gpu_index)), 60)
+
+    async def stop_rpc_server(self, agent, port: int) -> bool:
+        return await asyncio.wait_for(_awaitable(agent.stop_rpc_server.remote(port)), 30)
+
+    @staticmethod
+    def round_trip_ms(host: str, port: int) -> float | None:
+        return tcp_round_trip_ms(host, port)
+
     def start_replica(self, node_id: str, replica_id: str, settings: dict):
         return self._replica_cls.options(
             scheduling_strategy=self._on(node_id), name=None
@@ -131,3 +144,16 @@ class RayCluster:
 
 async def _awaitable(ref):
     return await ref
+
+
+def tcp_round_trip_ms(host: str, port: int, tries: int = 5, timeout_s: float = 1.0) -> float | None:
+    """Median time of a TCP connect to host:port, in ms (None: no answer)."""
+    times = []
+    for _ in range(tries):
+        started = time.perf_counter()
+        try:
+            socket.create_connection((host, port), timeout=timeout_s).close()
+        except OSError:
+            continue
+        times.append((time.perf_counter() - started) * 1000)
+    return round(statistics.median(times), 3) if times else None

@@ -4,7 +4,8 @@ mixin of the Controller.
 
 After a join (once the node has reported, `REBALANCE_SETTLE_S` later), the rules place every
 ready replica afresh, as if none ran (their memory given back). A replica moves when that
-ideal gives it a better kind (whole on a GPU over a split, a split over the CPU), more GPU
+ideal gives it a better kind (whole on a GPU, then across machines' GPUs where the splitter
+takes that, then a GPU/CPU split on one node, then the CPU), more GPU
 layers, or, whole on a GPU either way, another card (the rules' smaller card: a small model
 gives the 16 GB card back); and only where it fits *now*, beside everything running. A
 better node that lacks the file gets a copy first (from a peer, or the model's `url`) while
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 REBALANCE_SETTLE_S = 5.0  # after a join: let the node report and the loads settle
 FETCH_CHECK_S = 5.0  # while a file travels to a move's target: look again this often
-KIND_RANK = {"gpu": 0, "split": 1, "cpu": 2}
+KIND_RANK = {"gpu": 0, "rpc": 1, "split": 2, "cpu": 3}  # rpc: across machines' GPUs
 
 
 def better(ideal: Assignment, now: Assignment) -> bool:
@@ -43,7 +44,7 @@ def better(ideal: Assignment, now: Assignment) -> bool:
         return ideal.gpu_layers > now.gpu_layers
     if ideal.kind == "gpu":
         return (ideal.node, ideal.gpu_index) != (now.node, now.gpu_index)
-    return False  # CPU only either way: a move buys nothing
+    return False  # CPU only, or across machines, either way: a move buys nothing worth its churn
 
 
 class Rebalance:
@@ -67,14 +68,17 @@ class Rebalance:
         ready = {(r.model, r.index): r for r in self.replicas.values()}
         mine = [d for d in demands if (d.model, d.replica) in ready]
         freed = self._snapshots_without(list(ready.values()))
-        ideal = place(freed, mine)
+        splitter = self._splitter()
+        ideal = place(freed, mine, splitter=splitter)
         for target in ideal.assignments:
             record = ready[(target.model, target.replica)]
             if not better(target, record.assignment):
                 continue
             others = [r.assignment for r in ready.values() if r is not record]
             demand = next(d for d in mine if (d.model, d.replica) == (target.model, target.replica))
-            now = place(self._ledger_snapshots(), [replace(demand, pin_node=target.node)], current=others)
+            if target.kind != "rpc":  # on the ideal's node (a split across machines cannot be pinned)
+                demand = replace(demand, pin_node=target.node)
+            now = place(self._ledger_snapshots(), [demand], current=others, splitter=splitter)
             if not now.assignments or not better(now.assignments[0], record.assignment):
                 continue  # it does not fit there beside what runs now
             if self._start_move(record, now.assignments[0]):
@@ -143,8 +147,12 @@ class Rebalance:
         return True
 
     async def _load_move(self, key: tuple[str, int], old: ReplicaRecord, new: ReplicaRecord) -> None:
+        refused = await self._start_helpers(new) if new.assignment.helpers else None
         try:
-            info = await self.cluster.load(new.handle, self.config.gateway.load_timeout_s)
+            if refused is not None:
+                info = {"state": "failed", "reason": f"split across machines not used: {refused}"}
+            else:
+                info = await self.cluster.load(new.handle, self.config.gateway.load_timeout_s)
         except Exception as exc:  # the old replica keeps serving
             info = {"state": "failed", "reason": f"{type(exc).__name__}"}
         self.moves.pop(key, None)

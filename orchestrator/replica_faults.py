@@ -40,12 +40,26 @@ class ReplicaFaults:
         if self.replicas.get(key) is not replica:
             return
         del self.replicas[key]
+        await self._bury(replica, reason)
+
+    def replica_lost(self, replica: ReplicaRecord, reason: str) -> None:
+        """replica_died for the gateway: routing forgets the replica now, and the client's
+        error goes out at once while the agents are asked why (seconds, if a machine is gone)."""
+        key = (replica.model, replica.index)
+        if self.replicas.get(key) is replica:
+            del self.replicas[key]
+            self._spawn(self._bury(replica, reason))
+
+    async def _bury(self, replica: ReplicaRecord, reason: str) -> None:
         await self._kill(replica.handle)
         await self._crashed(replica, reason)
 
     async def _crashed(self, replica: ReplicaRecord, reason: str) -> None:
         key = (replica.model, replica.index)
         now = time.monotonic()
+        # Held while the agents are asked whether its machines are still there (seconds): the
+        # tick may run meanwhile and would place it again on a machine that is gone.
+        self.held_until[key] = (now + 3 * AGENT_PROBE_S, f"{replica.replica_id} stopped: {reason}")
         if not await self._node_answers(replica.node_id):
             # Its machine went (asleep, cut off): not the model's fault, no backoff. Placement
             # starts it elsewhere once Ray says the node is gone (a short hold till then).
@@ -55,6 +69,15 @@ class ReplicaFaults:
             self.held_until[key] = (now + NODE_LOST_HOLD_S, why)
             self.states_changed()
             return
+        lost = await self._lost_helper(replica) if replica.assignment.helpers else None
+        if lost is not None:  # a split's helper went: not the model's fault; placed again without it
+            why = f"helper {lost} of its split stopped answering (asleep or cut off): placing it again without it"
+            log.warning("%s: %s", replica.replica_id, why)
+            self.record_event("node_lost", replica.model, lost, why)
+            self.held_until.pop(key, None)
+            self.states_changed()
+            return
+        self.held_until.pop(key, None)  # its machines answer: the backoff decides
         decision = after_crash(self.crash_times.get(key, ()), now, self.restart_policy)
         self.crash_times[key] = [t for t in self.crash_times.get(key, ()) if now - t <= self.restart_policy.window_s]
         self.crash_times[key].append(now)

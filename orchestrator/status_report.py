@@ -143,7 +143,7 @@ def _add_model_rows(table: _Table, model: ModelView, width: int) -> None:
                 _state_cell(replica.state, replica.transfer),
             ],
             styles={6: STATE_STYLES[replica.state]},
-            notes=progress + _reason_notes(replica.reason, width),
+            notes=progress + _reason_notes(replica.reason, width) + _split_notes(replica, width),
             note_style=STATE_STYLES[replica.state],
         )
     # A model-level reason the replicas do not already say (e.g. "1 of 2 replicas placed"); while
@@ -157,6 +157,13 @@ def _add_model_rows(table: _Table, model: ModelView, width: int) -> None:
 
 
 # ----------------------------------------------------------------------------- cells
+
+
+def _split_notes(replica, width: int) -> list[str]:
+    """A split across machines (llama.cpp RPC) weighed for the replica: both speeds, the verdict."""
+    if not replica.split_why or replica.state not in ("ready", "loading"):
+        return []
+    return _wrapped(f"split: {replica.split_why}", width)
 
 
 def _measured_cell(replica) -> str:
@@ -285,9 +292,12 @@ def _models_on(node_name: str, models: list[ModelView]) -> list[str]:
     lines = []
     for model in models:
         for replica in model.replicas:
-            if replica.node != node_name or replica.state not in HELD_STATES:
+            if replica.state not in HELD_STATES:
                 continue
-            lines.append(model.name if replica.state == "ready" else f"{model.name} ({replica.state})")
+            if replica.node == node_name:
+                lines.append(model.name if replica.state == "ready" else f"{model.name} ({replica.state})")
+            elif any(h.node == node_name for h in replica.helpers):  # its GPU serves part of a split
+                lines.append(f"{model.name} (RPC helper)")
     return lines or ["-"]
 
 

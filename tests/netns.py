@@ -1,12 +1,19 @@
 """Two network namespaces ("hosts") joined by a veth pair, for tests and benchmarks that
 send traffic between addresses of their own (needs root and `ip`). Both ends of the pair
-are made inside the namespaces: no interface ever appears on the host."""
+are made inside the namespaces: no interface ever appears on the host.
+
+Also what tests that run homefleet inside such namespaces share: starting a process in a
+namespace, an HTTP request sent from inside one, and stopping all of it by PID."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
+import sys
+import time
+from pathlib import Path
 
 import psutil
 
@@ -68,3 +75,88 @@ class VethHosts:
         for ns in reversed(self.created):
             ip("netns", "del", ns, check=False)
         self.created.clear()
+
+
+PROXY_VARIABLES = ("http_proxy", "https_proxy", "all_proxy", "grpc_proxy")
+
+# Run inside a namespace: one HTTP request, answered as one JSON line. trust_env=False:
+# no proxy from the environment, so the request goes to the URL's address and nowhere else.
+CLIENT = r"""
+import json, sys, httpx
+method, url, body, timeout = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), float(sys.argv[4])
+headers = json.loads(sys.argv[5])
+try:
+    with httpx.Client(trust_env=False, timeout=timeout) as client:
+        r = client.request(method, url, json=body, headers=headers)
+    print(json.dumps({"status": r.status_code, "headers": dict(r.headers), "body": r.text}))
+except httpx.HTTPError as exc:
+    print(json.dumps({"error": repr(exc)}))
+"""
+
+
+def namespace_env(**extra: str) -> dict[str, str]:
+    """The test environment (tests/support.py child_env) without proxies: inside a
+    namespace, traffic goes to the addresses asked for and nowhere else."""
+    from tests.support import child_env
+
+    env = child_env(RAY_USAGE_STATS_ENABLED="0", **extra)
+    return {k: v for k, v in env.items() if k.lower() not in PROXY_VARIABLES}
+
+
+def in_namespace(ns: str, method: str, url: str, body: dict | None = None, timeout_s: float = 10,
+                 headers: dict | None = None) -> dict:
+    """One HTTP request sent from inside `ns`: {"status", "headers", "body"} or {"error"}."""
+    out = subprocess.run(
+        ["ip", "netns", "exec", ns, sys.executable, "-c", CLIENT, method, url, json.dumps(body), str(timeout_s),
+         json.dumps(headers or {})],
+        env=namespace_env(), capture_output=True, text=True, timeout=timeout_s + 60,
+    )
+    if out.returncode != 0 or not out.stdout.strip():
+        return {"error": f"client exited {out.returncode}: {out.stderr.strip()[-2000:]}"}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def wait_for_gateway(ns: str, url: str, popen: subprocess.Popen, timeout_s: float) -> str | None:
+    """Wait until the gateway at `url` answers /healthz from inside `ns`; why not, if it never does."""
+    deadline = time.monotonic() + timeout_s
+    while in_namespace(ns, "GET", f"{url}/healthz", timeout_s=2).get("status") != 200:
+        if popen.poll() is not None or time.monotonic() > deadline:
+            return f"gateway in {ns} not up (exit {popen.poll()})"
+        time.sleep(0.5)
+    return None
+
+
+def start_in(ns: str, command: list[str], log_path: Path, env: dict[str, str]) -> subprocess.Popen:
+    with open(log_path, "wb") as log:  # `ip netns exec` execs the command: the PID is the command's
+        return subprocess.Popen(["ip", "netns", "exec", ns, *command], env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def stop_all(popens: list[subprocess.Popen], hosts: VethHosts, rounds: int = 5) -> None:
+    """Ctrl-C each process we started (in order: the head first, it stops the replicas), then
+    SIGKILL whatever of ours is left: their descendants, and anything still running inside
+    our namespaces (all of it ours)."""
+    ours: set[int] = set(hosts.pids())
+    for popen in popens:
+        ours.add(popen.pid)
+        try:
+            ours.update(p.pid for p in psutil.Process(popen.pid).children(recursive=True))
+        except psutil.NoSuchProcess:
+            pass
+    for popen in popens:
+        if popen.poll() is None:
+            popen.send_signal(signal.SIGINT)
+            try:
+                popen.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                popen.kill()
+                popen.wait()
+    for _ in range(rounds):  # processes started while we were stopping show up here too
+        ours |= hosts.pids()
+        for pid in ours:
+            try:
+                psutil.Process(pid).kill()
+            except psutil.NoSuchProcess:
+                pass
+        time.sleep(0.5)
+        if not hosts.pids():
+            break

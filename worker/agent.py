@@ -28,6 +28,7 @@ from worker.file_server import FileServer
 from worker.mac_address import mac_of_address
 from worker.paths import resolve_path
 from worker.probe import NvmlSession, overlay_live_use, probe
+from worker.rpc_servers import RpcServers
 from worker.store import ModelStore, StoreError, default_models_dir
 from worker.transfer import Transfer, TransferCancelled, TransferFailed, TransferSpec
 
@@ -84,6 +85,7 @@ class NodeAgentImpl:
         self._transfers: dict[str, Transfer] = {}
         self._finished: dict[str, TransferProgress] = {}
         self._lock = threading.Lock()
+        self.rpc_servers = RpcServers(self.address)  # splits across machines that use this node's GPU
         probe(self.name, self.nvml)  # primes psutil's CPU percentage
 
     # ---- reports ---------------------------------------------------------------------
@@ -109,6 +111,7 @@ class NodeAgentImpl:
             "store_key": self.store_key,
             "mac": self.mac,
             "transfers": [p.model_dump(mode="json") for p in self.transfers()],
+            "rpc_servers": self.rpc_servers.listing(),
             "reported_at": time.time(),
         }
 
@@ -205,6 +208,18 @@ class NodeAgentImpl:
         result = dry_run(resolve_model_path(path, self.models_dir), n_ctx, n_gpu_layers, kv_type=kv_type,
                          flash_attn=flash_attn, n_slots=n_slots)
         return asdict(result)
+
+    # ---- llama.cpp RPC servers: this node's GPU in a split across machines (issue 13) ---------
+    def start_rpc_server(self, port: int, gpu_index: int | None) -> dict:
+        """Serve the GPU placement chose at this node's cluster address and `port`. A declared
+        machine's GPU that this host does not have is served by its CPU, as a replica placed
+        on it runs on the CPU (tests, plans on one host)."""
+        if gpu_index is not None and not self.nvml.available and self.declared is not None:
+            gpu_index = None
+        return self.rpc_servers.start(port, gpu_index)
+
+    def stop_rpc_server(self, port: int) -> bool:
+        return self.rpc_servers.stop(port)
 
     def has_gpu(self) -> bool:
         return self.nvml.available

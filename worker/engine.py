@@ -59,6 +59,7 @@ class EngineSettings:
     # `rpc_layers[i]` of the offloaded layers (in layer order, the first layers), this node's GPU the rest.
     rpc_servers: tuple[str, ...] = ()
     rpc_layers: tuple[int, ...] = ()
+    cpu_repack: bool = True  # False: the CPU computes on the weights as stored (as a split does)
 
 
 def default_threads() -> int:
@@ -92,11 +93,8 @@ class Engine:
                 flash_attn=settings.flash_attn,
                 type_k=KV_TYPES[settings.kv_type] if settings.kv_type != "f16" else None,
                 type_v=KV_TYPES[settings.kv_type] if settings.kv_type != "f16" else None,
-                n_gpu_layers=settings.n_gpu_layers,
-                gpu=usable_gpu(settings.gpu_index, settings.n_gpu_layers),
                 on_load_progress=on_load_progress,
-                rpc_servers=settings.rpc_servers,
-                rpc_layers=settings.rpc_layers,
+                **_layer_settings(settings),
             )
         self.load_seconds = time.perf_counter() - started
         self.architecture = self.llama.metadata.get("general.architecture", "unknown")
@@ -318,6 +316,21 @@ class Engine:
             "model": self.settings.model_name,
             "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
         }
+
+
+def _layer_settings(settings: EngineSettings) -> dict[str, Any]:
+    """Where the layers go. Split across machines: the RPC servers' devices take the first
+    offloaded layers and this node's GPU the rest; where this build has no such GPU (a
+    declared machine on a CPU-only host) the rest stays on its CPU, as any layer placed on a
+    GPU it cannot see. A split computes on weights as stored (no CPU repacking): only the
+    token embedding is on the main node's CPU, and an RPC server's CPU device (tests) and a
+    local one then give the same numbers."""
+    gpu = usable_gpu(settings.gpu_index, settings.n_gpu_layers)
+    if not settings.rpc_servers:
+        return {"n_gpu_layers": settings.n_gpu_layers, "gpu": gpu, "cpu_repack": settings.cpu_repack}
+    n_gpu_layers = settings.n_gpu_layers if gpu is not None else sum(settings.rpc_layers)
+    return {"n_gpu_layers": n_gpu_layers, "gpu": gpu, "rpc_servers": tuple(settings.rpc_servers),
+            "rpc_layers": tuple(settings.rpc_layers), "cpu_repack": False}
 
 
 def usable_gpu(gpu_index: int | None, n_gpu_layers: int) -> int | None:

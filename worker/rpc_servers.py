@@ -50,7 +50,7 @@ class RpcServers:
             busy = _port_taken(self.address, port)
             if busy is not None:
                 return {"error": f"llama.cpp's RPC server cannot listen on {endpoint}: {busy}"}
-            log_path = self.log_dir / f"homefleet-rpc-{port}.log"
+            log_path = self.log_dir / f"homefleet-rpc-{self.address}-{port}.log"  # one per node and port
             command = [sys.executable, "-m", "worker.rpc_server", "--endpoint", endpoint, "--parent-pid", str(os.getpid())]
             command += ["--gpu", str(gpu_index)] if gpu_index is not None else []
             command += ["--threads", str(threads)] if threads else []

@@ -24,14 +24,17 @@ from orchestrator.config import ConfigError, HomefleetConfig, load_config
 from orchestrator.core.hardware import NodeHardware
 from orchestrator.core.placement import (
     Assignment,
+    GpuPart,
     ModelDemand,
     NodeSnapshot,
     PlacementResult,
     place,
+    Splitter,
     reservations_for,
     snapshot_from_hardware,
 )
-from orchestrator.demand import default_shape_loader, demands_for
+from orchestrator.demand import SIZING_ERRORS, default_shape_loader, demands_for, estimate_options
+from orchestrator.split_planner import make_splitter
 from orchestrator.machines import HardwareFileError, default_machine_files, load_hardware_file
 from orchestrator.plan_report import plan_to_dict, render_plan
 
@@ -69,14 +72,15 @@ def run(args: argparse.Namespace) -> int:
             raise PlanError("give either --nodes or --url, not both")
         config = load_config(args.config) if args.config else HomefleetConfig()
         if args.url:
-            nodes, current, loading = nodes_from_gateway(args.url, args.api_key)
+            nodes, current, loading, hardware = nodes_from_gateway(args.url, args.api_key)
         else:
-            nodes, current, loading = nodes_from_files(args.nodes), [], []
+            hardware = hardware_from_files(args.nodes)
+            nodes, current, loading = [snapshot_from_hardware(h) for h in hardware], [], []
         demands, problems = _demands(config)
     except (PlanError, ConfigError) as exc:
         print(f"homefleet plan: {exc}", file=sys.stderr)
         return 1
-    result = make_plan(nodes, demands, current, loading)
+    result = make_plan(nodes, demands, current, loading, splitter_for(config, hardware))
     if args.json:
         print(json.dumps(plan_to_dict(result, nodes, problems), indent=2))
     else:
@@ -89,9 +93,25 @@ def make_plan(
     demands: Sequence[ModelDemand],
     current: Sequence[Assignment] = (),
     loading: Sequence[Assignment] = (),
+    splitter: Splitter | None = None,
 ) -> PlacementResult:
     """Running replicas stay; loading ones also hold memory their node does not show yet."""
-    return place(nodes, demands, current=[*current, *loading], reserved=reservations_for(loading))
+    return place(nodes, demands, current=[*current, *loading], reserved=reservations_for(loading), splitter=splitter)
+
+
+def splitter_for(config: HomefleetConfig, hardware: Sequence[NodeHardware]) -> Splitter | None:
+    """Splits across machines weighed as the running head weighs them (orchestrator/split_planner.py)."""
+    if not config.cluster.rpc_split:
+        return None
+    shapes = {}
+    for model in config.models:
+        try:
+            shapes[model.name] = default_shape_loader(model, config.cluster.models_dir)
+        except SIZING_ERRORS:
+            continue  # a problem line already says why
+    models = {m.name: m for m in config.models}
+    return make_splitter(shapes, lambda name, slots: estimate_options(models[name], slots),
+                         {h.name: h for h in hardware})
 
 
 # ----------------------------------------------------------------------------- nodes
@@ -99,14 +119,20 @@ def make_plan(
 
 def nodes_from_files(paths: Sequence[str] | None) -> list[NodeSnapshot]:
     """Snapshots of hardware files; every model file counts as present (model_files=None)."""
+    return [snapshot_from_hardware(h) for h in hardware_from_files(paths)]
+
+
+def hardware_from_files(paths: Sequence[str] | None) -> list[NodeHardware]:
     files = [Path(p) for p in paths] if paths else default_machine_files()
     if not files:
         raise PlanError("no hardware files: pass --nodes FILE... (see configs/machines/*.yaml)")
-    return [snapshot_from_hardware(_load_hardware(path)) for path in files]
+    return [_load_hardware(path) for path in files]
 
 
-def nodes_from_gateway(url: str, api_key: str | None) -> tuple[list[NodeSnapshot], list[Assignment], list[Assignment]]:
-    """Live nodes of a gateway, and its running (ready) and loading replicas."""
+def nodes_from_gateway(
+    url: str, api_key: str | None
+) -> tuple[list[NodeSnapshot], list[Assignment], list[Assignment], list[NodeHardware]]:
+    """Live nodes of a gateway, its running (ready) and loading replicas, and their hardware."""
     url = url.rstrip("/")
     try:
         view = ClusterView.model_validate(fetch_cluster(url, api_key or os.environ.get("HOMEFLEET_API_KEY")))
@@ -114,7 +140,7 @@ def nodes_from_gateway(url: str, api_key: str | None) -> tuple[list[NodeSnapshot
         raise PlanError(str(exc)) from None
     except ValidationError as exc:
         raise PlanError(f"{url}/api/cluster did not answer with a cluster view: {exc}") from None
-    return snapshots_from_view(view)
+    return (*snapshots_from_view(view), [n.hardware for n in view.nodes if n.hardware is not None])
 
 
 def snapshots_from_view(view: ClusterView) -> tuple[list[NodeSnapshot], list[Assignment], list[Assignment]]:
@@ -129,6 +155,7 @@ def snapshots_from_view(view: ClusterView) -> tuple[list[NodeSnapshot], list[Ass
             if replica.node is None or replica.state not in LIVE_STATES:
                 continue
             kind = "cpu" if replica.gpu_layers <= 0 else ("gpu" if replica.gpu_layers >= replica.total_layers else "split")
+            kind = "rpc" if replica.helpers else kind
             assignment = Assignment(
                 model=model.name,
                 replica=number,
@@ -140,6 +167,7 @@ def snapshots_from_view(view: ClusterView) -> tuple[list[NodeSnapshot], list[Ass
                 ram_bytes=replica.measured_ram_bytes or replica.estimated_ram_bytes or 0,
                 kind=kind,
                 parallel=getattr(replica, "slots", 1) or 1,  # the slots it runs with
+                helpers=tuple(GpuPart(h.node, h.gpu_index, h.layers, h.gpu_bytes) for h in replica.helpers),
             )
             (ready if replica.state == "ready" else loading).append(assignment)
     return nodes, ready, loading

@@ -13,6 +13,12 @@ Rules (DESIGN.md "Placement rules"), tried in this order for each replica:
    ties to the most usable RAM, then node name and GPU index.
 3. CPU only, on the node with the most usable RAM (ties to the node name).
 4. Not placed, with one reason per node.
+Between 2 and 3, chosen by speed: a replica that no GPU holds whole may be split across the
+GPUs of two or more nodes whose engines have llama.cpp's RPC (kind "rpc"), when the caller's
+`splitter` (orchestrator/split_planner.py: the plan of orchestrator/core/rpc_split.py and its
+speed prediction) says that beats the best single-node option, or where there is none. The
+main node holds the rest in RAM as for a whole GPU fit; each helper GPU its part. Pinned
+replicas and gpu_layers overrides are never split across machines.
 A gpu_layers override replaces rules 1-3: exactly that many layers on the smallest card
 that holds them (0: rule 3).
 
@@ -70,8 +76,13 @@ from orchestrator.core.memory import MemoryNeed
 
 from orchestrator.core.placement_types import (
     AssignmentKind,
+    GpuPart,
+    GpuRoom,
     GpuSnapshot,
     NodeSnapshot,
+    SingleOption,
+    SplitOffer,
+    Splitter,
     ModelDemand,
     Assignment,
     Unplaced,
@@ -88,8 +99,13 @@ from orchestrator.core.placement_types import (
 
 __all__ = [
     "AssignmentKind",
+    "GpuPart",
+    "GpuRoom",
     "GpuSnapshot",
     "NodeSnapshot",
+    "SingleOption",
+    "SplitOffer",
+    "Splitter",
     "ModelDemand",
     "Assignment",
     "Unplaced",
@@ -109,11 +125,12 @@ __all__ = [
 
 
 class _Gpu:
-    __slots__ = ("node", "index", "total_bytes", "free_bytes", "usable_bytes", "claimed_bytes", "_room_texts")
+    __slots__ = ("node", "index", "name", "total_bytes", "free_bytes", "usable_bytes", "claimed_bytes", "_room_texts")
 
     def __init__(self, node: str, gpu: GpuSnapshot, reserved_bytes: int, margins: Margins) -> None:
         self.node = node
         self.index = gpu.index
+        self.name = gpu.name
         self.total_bytes = gpu.vram_total_bytes
         self.free_bytes = gpu.vram_free_bytes
         self.usable_bytes = gpu.vram_free_bytes - margins.vram_bytes(gpu.vram_total_bytes) - reserved_bytes
@@ -248,8 +265,10 @@ def place(
     current: Sequence[Assignment] = (),
     reserved: Mapping[str, Reservation | tuple[Mapping[int, int], int]] | None = None,
     margins: Margins = DEFAULT_MARGINS,
+    splitter: Splitter | None = None,
 ) -> PlacementResult:
-    """Place every demand (see the module docstring for the rules).
+    """Place every demand (see the module docstring for the rules); without a `splitter`,
+    nothing is split across machines.
 
     Node names must be unique (ValueError otherwise: an input error, not a misfit).
     """
@@ -281,11 +300,11 @@ def place(
     to_place.sort(key=_placing_order)
     pinned = [need for need in to_place if need.demand.pin_node is not None]
     for group in (pinned, to_place[len(pinned):]):  # pinned replicas have first call on their node
-        for need, chosen in _place_group(group, ordered, ledger):
+        for need, chosen in _place_group(group, ordered, ledger, splitter):
             outcome[need.key] = chosen
     for need in to_place:  # slots last, from what no replica of this call was given
         placed = outcome[need.key]
-        if need.demand.picks_slots and isinstance(placed, Assignment):
+        if need.demand.picks_slots and isinstance(placed, Assignment) and placed.kind != "rpc":
             outcome[need.key] = _grow_slots(need, placed, ledger[placed.node])
 
     values = list(outcome.values())
@@ -296,7 +315,7 @@ def place(
 
 
 def _place_group(
-    group: list[_Need], ordered: list[_Node], ledger: Mapping[str, _Node]
+    group: list[_Need], ordered: list[_Node], ledger: Mapping[str, _Node], splitter: Splitter | None = None
 ) -> list[tuple[_Need, Assignment | Unplaced]]:
     """Two passes over `group` (already in placing order): whole first, then the rest."""
     placed: list[tuple[_Need, Assignment | Unplaced]] = []
@@ -308,16 +327,25 @@ def _place_group(
             rest.append((need, candidates))
         else:
             placed.append((need, _commit(need, *chosen)))
-    for need, candidates in rest:  # pass 2: split, else CPU only, else reasons
+    for need, candidates in rest:  # pass 2: split, across machines if faster, else CPU only, else reasons
         chosen = _choose_rest(need, candidates)
-        placed.append((need, _commit(need, *chosen) if chosen else _unplaced(need, ordered, ledger)))
+        offer = _offer_split(need, candidates, chosen, splitter)
+        if isinstance(offer, SplitOffer):
+            offer = _commit_split(need, offer, ledger)
+        if isinstance(offer, Assignment):
+            placed.append((need, offer))
+        elif chosen:
+            placed.append((need, replace(_commit(need, *chosen), split_why=offer)))
+        else:
+            placed.append((need, _unplaced(need, ordered, ledger, offer)))
     return placed
 
 
 def _stays(running: Assignment, demand: ModelDemand, ledger: Mapping[str, _Node]) -> bool:
-    node = ledger.get(running.node)
-    if node is None or not node.snapshot.alive:
-        return False
+    for name in running.nodes:  # a split across machines needs every one of its nodes
+        node = ledger.get(name)
+        if node is None or not node.snapshot.alive:
+            return False
     if demand.pin_node is not None and demand.pin_node != running.node:
         return False
     fixed = demand.fixed_gpu_layers
@@ -343,12 +371,56 @@ def _choose_rest(need: _Need, candidates: list[_Node]) -> _Choice | None:
     return _choose_split(need, candidates) or _choose_cpu(need, candidates)
 
 
-def _unplaced(need: _Need, ordered: list[_Node], ledger: Mapping[str, _Node]) -> Unplaced:
+def _unplaced(need: _Need, ordered: list[_Node], ledger: Mapping[str, _Node], split_why: str | None = None) -> Unplaced:
     d = need.demand
     reasons = {n.name: _why_excluded(n, d) or _why_not_fits(need, n, d.fixed_gpu_layers) for n in ordered}
     if d.pin_node is not None and d.pin_node not in ledger:
         reasons[d.pin_node] = "pinned node is not in the cluster"
-    return Unplaced(d.model, d.replica, {name: reasons[name] for name in sorted(reasons)})
+    reasons = {name: reasons[name] for name in sorted(reasons)}
+    if split_why:
+        reasons[SPLIT_REASON_KEY] = split_why
+    return Unplaced(d.model, d.replica, reasons)
+
+
+# ---------------------------------------------------------------- across machines (RPC)
+
+SPLIT_REASON_KEY = "across machines (RPC)"  # Unplaced.reasons' entry for the split that was weighed
+
+
+def _offer_split(need: _Need, candidates: list[_Node], single: _Choice | None,
+                 splitter: Splitter | None) -> SplitOffer | str | None:
+    """What the splitter offers over `single` (the best single-node choice, or None); None
+    where a split across machines is not considered at all."""
+    d = need.demand
+    if splitter is None or d.pin_node is not None or d.fixed_gpu_layers is not None or d.n_layers < 2:
+        return None
+    rooms = [GpuRoom(n.name, g.index, g.name, _vram_for(g, d))
+             for n in candidates if n.snapshot.rpc for g in n.gpus if _vram_for(g, d) > 0]
+    if len({r.node for r in rooms}) < 2:
+        return None
+    best = None if single is None else SingleOption(single[0].name, single[1].index if single[1] else None, single[2])
+    return splitter(d, rooms, best)
+
+
+def _commit_split(need: _Need, offer: SplitOffer, ledger: Mapping[str, _Node]) -> Assignment | str:
+    """Take the offer's memory off the ledger: the main node's RAM (as for a whole GPU fit) and
+    each part on its GPU; or why the main node cannot hold its part."""
+    d = need.demand
+    main = offer.parts[-1]
+    node = ledger[main.node]
+    ram_bytes = need.at(d.n_layers).ram_bytes
+    if ram_bytes > node.usable_ram_bytes:
+        return f"split not taken: its main node {main.node} needs {need.ram_text(d.n_layers)} RAM, {node.room_text()}"
+    node.take(ram_bytes)
+    if not node.has_file(d.model):
+        node.disk_claimed_bytes += d.file_bytes
+    for part in offer.parts:
+        next(g for g in ledger[part.node].gpus if g.index == part.gpu_index).take(part.gpu_bytes)
+    return Assignment(
+        model=d.model, replica=d.replica, node=main.node, gpu_index=main.gpu_index, gpu_layers=d.n_layers,
+        n_layers=d.n_layers, gpu_bytes=main.gpu_bytes, ram_bytes=ram_bytes, kind="rpc", parallel=d.slots,
+        helpers=offer.parts[:-1], tokens_per_s=offer.tokens_per_s, split_why=offer.why,
+    )
 
 
 def _why_excluded(node: _Node, d: ModelDemand) -> str | None:

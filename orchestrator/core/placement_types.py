@@ -12,7 +12,9 @@ from typing import Literal, NamedTuple
 from orchestrator.core.hardware import GIB, MIB, NodeHardware
 from orchestrator.core.memory import NeedFunction, scaled_need
 
-AssignmentKind = Literal["gpu", "split", "cpu"]
+# gpu: whole on one GPU; split: GPU/CPU on one node; rpc: across the GPUs of several nodes
+# (llama.cpp's RPC, orchestrator/core/rpc_split.py); cpu: CPU only.
+AssignmentKind = Literal["gpu", "split", "rpc", "cpu"]
 # Slots a replica gets by default (the model does not set `parallel`): as many as its node
 # can hold, up to this many.
 DEFAULT_MAX_SLOTS = 4
@@ -45,6 +47,27 @@ class NodeSnapshot:
     model_files: frozenset[str] | None = None
     ram_total_bytes: int = 0
     disk_free_bytes: int | None = None
+    rpc: bool = False  # its engine has llama.cpp's RPC: its GPUs may take part in a split across machines
+
+
+@dataclass(frozen=True)
+class GpuRoom:
+    """A GPU a split across machines may use, with the VRAM it can give now (the ledger's)."""
+
+    node: str
+    gpu_index: int
+    gpu_name: str
+    usable_bytes: int
+
+
+@dataclass(frozen=True)
+class SingleOption:
+    """The best a single node does for a replica that fits no GPU whole: `gpu_layers` on
+    `gpu_index` of `node` (None: CPU only)."""
+
+    node: str
+    gpu_index: int | None
+    gpu_layers: int
 
 
 @dataclass(frozen=True)
@@ -115,6 +138,16 @@ class ModelDemand:
 
 
 @dataclass(frozen=True)
+class GpuPart:
+    """One node's GPU share of a split across machines (an `rpc` assignment)."""
+
+    node: str
+    gpu_index: int
+    layers: int  # of the offloaded layers (llama.cpp's count), the first ones
+    gpu_bytes: int
+
+
+@dataclass(frozen=True)
 class Assignment:
     model: str
     replica: int
@@ -126,6 +159,39 @@ class Assignment:
     ram_bytes: int
     kind: AssignmentKind
     parallel: int = 1  # slots: requests served at once, each with the full context
+    # kind "rpc": the other nodes' GPUs, in layer order; this node's GPU takes the rest of
+    # gpu_layers (gpu_bytes is its part).
+    helpers: tuple[GpuPart, ...] = ()
+    tokens_per_s: float | None = None  # predicted decode speed where a split was weighed
+    split_why: str | None = None  # why a split across machines was (not) taken, in numbers
+
+    @property
+    def nodes(self) -> tuple[str, ...]:
+        return (self.node, *(h.node for h in self.helpers))
+
+    @property
+    def home_layers(self) -> int:
+        """Offloaded layers on this node's own GPU."""
+        return self.gpu_layers - sum(h.layers for h in self.helpers)
+
+    def describe(self) -> str:
+        """`desktop 45 layers GPU + laptop-1 20 layers GPU (RPC)` for a split across machines."""
+        return " + ".join([f"{self.node} {self.home_layers} layers GPU"]
+                          + [f"{h.node} {h.layers} layers GPU (RPC)" for h in self.helpers])
+
+
+@dataclass(frozen=True)
+class SplitOffer:
+    """A split across machines to take: `parts` in layer order, the main node's GPU last."""
+
+    parts: tuple[GpuPart, ...]
+    tokens_per_s: float | None
+    why: str
+
+
+# (demand, the RPC-capable GPUs' rooms, the best single-node option) -> the split to take, or
+# why none is taken. Built by the caller from shapes and hardware (orchestrator/split_planner.py).
+Splitter = Callable[[ModelDemand, Sequence[GpuRoom], SingleOption | None], SplitOffer | str]
 
 
 @dataclass(frozen=True)
@@ -185,6 +251,7 @@ def snapshot_from_hardware(
         ram_total_bytes=int(hw.ram_total_bytes),
         gpus=tuple(GpuSnapshot(g.index, g.name, int(g.vram_total_bytes), g.vram_free) for g in hw.gpus),
         model_files=None if model_files is None else frozenset(model_files),
+        rpc=hw.rpc,
     )
 
 
@@ -197,4 +264,8 @@ def reservations_for(assignments: Sequence[Assignment]) -> dict[str, Reservation
         if a.gpu_index is not None:
             by_gpu[a.gpu_index] = by_gpu.get(a.gpu_index, 0) + a.gpu_bytes
         ram[a.node] = ram.get(a.node, 0) + a.ram_bytes
+        for h in a.helpers:
+            helper = vram.setdefault(h.node, {})
+            helper[h.gpu_index] = helper.get(h.gpu_index, 0) + h.gpu_bytes
+            ram.setdefault(h.node, 0)
     return {node: Reservation(vram[node], ram[node]) for node in vram}

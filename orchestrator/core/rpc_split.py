@@ -16,16 +16,17 @@ Layers go in proportion to each GPU's room after its fixed part, the main node's
 
 Speed: a token passes the layers in order, one GPU after another, so its time is the sum of
 each GPU's weight reads at its memory bandwidth (GPU_DECODE_EFFICIENCY of the peak, as for a
-single GPU) plus, for each helper GPU, RPC_ROUND_TRIPS_PER_TOKEN round trips on its link and
-the activations there and back (n_embd float32 each way). A node's link is its measured round
-trip to the main node where known, else what its hardware file declares, else a wired
-gigabit LAN (DEFAULT_LINK).
+single GPU) plus, for each helper GPU, RPC_ROUND_TRIPS_PER_TOKEN round trip on its link, the
+activations there and back (n_embd float32 each way) and the RPC commands (bytes on the link,
+CPU time at both ends). A node's link is what its hardware file declares, else its round
+trip measured from the head (orchestrator/rpc_helpers.py), else a wired gigabit LAN
+(DEFAULT_LINK).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 
 from orchestrator.core.estimate import (
     CUDA_OVERHEAD_BYTES,
@@ -40,7 +41,13 @@ from orchestrator.core.model_shape import ModelShape
 
 GPU_DECODE_EFFICIENCY = 0.7  # the same share of peak VRAM bandwidth as orchestrator/fit.py
 SPLIT_MARGIN = 1.25  # a split must be predicted this much faster than the best single node
-RPC_ROUND_TRIPS_PER_TOKEN = 3  # per helper GPU: its input, the graph to compute, its output back
+# Per helper GPU and token, as traced (strace of tests/bench/rpc_split_bench.py): about a dozen
+# RPC commands go without waiting (the input, the graph: ~13 KB in all), and one waits: the
+# helper's output fetched back. The per-token CPU work of those commands, both ends, is
+# ~0.3 ms on the 2-core test machine (the bench's overhead beyond its transfers).
+RPC_ROUND_TRIPS_PER_TOKEN = 1
+RPC_COMMAND_BYTES_PER_TOKEN = 16 * 1024
+RPC_COMMANDS_S_PER_TOKEN = 0.0003
 GB = 1e9
 
 
@@ -52,7 +59,8 @@ class Link:
     bytes_per_s: float
 
     def seconds_per_token(self, n_embd: int) -> float:
-        return RPC_ROUND_TRIPS_PER_TOKEN * self.rtt_s + 2 * n_embd * 4 / self.bytes_per_s
+        sent = 2 * n_embd * 4 + RPC_COMMAND_BYTES_PER_TOKEN  # the activations there and back, the commands
+        return RPC_ROUND_TRIPS_PER_TOKEN * self.rtt_s + sent / self.bytes_per_s + RPC_COMMANDS_S_PER_TOKEN
 
 
 DEFAULT_LINK = Link(rtt_s=0.0005, bytes_per_s=1e9 / 8)  # wired gigabit Ethernet
@@ -189,3 +197,23 @@ def split_wins(split: SplitPlan, single_tokens_per_s: float | None, single_runs:
     word = "taken" if verdict else f"not taken (under {SPLIT_MARGIN:.2f}x)"
     return verdict, (f"~{split.tokens_per_s:.1f} tokens/s split vs ~{single_tokens_per_s:.1f} on the best single "
                      f"node ({ratio:.2f}x): {word}")
+
+
+def split_key(nodes: Iterable[str]) -> str:
+    """One name per set of machines, for the speed a split across them measured: 'desktop+laptop-1'."""
+    return "+".join(sorted(nodes))
+
+
+def decide_split(shape: ModelShape, opts: EstimateOptions, gpus: Sequence[SplitGpu], single_tokens_per_s: float | None,
+                 single_runs: bool, measured: Mapping[str, float] | None = None) -> tuple[SplitPlan | str, bool, str]:
+    """The split of `shape` across `gpus` (or why there is none), whether it beats the best
+    single-node option, and why. `measured`: per split_key, measured / predicted speed of a
+    split across those machines before (the calibration learns splits too)."""
+    split = plan_split(shape, opts, gpus)
+    if isinstance(split, str):
+        return split, False, split
+    factor = (measured or {}).get(split_key(split.nodes))
+    if factor and split.tokens_per_s is not None:
+        split = replace(split, tokens_per_s=split.tokens_per_s * factor)
+    taken, why = split_wins(split, single_tokens_per_s, single_runs)
+    return split, taken, why

@@ -7,7 +7,7 @@ shape; an OpenAPI document that says what the server does.
 
 The controller offers the gateway: `models`, `ready_replicas(model)`, `model_state(model)`,
 `retry_after_s(model)`, `nodes`, `view()`, `cluster.is_dead_actor_error(exc)`,
-`replica_died(replica, reason)` and `files` (tests/unit/test_gateway_fakes.py builds a fake one);
+`replica_lost(replica, reason)` and `files` (tests/unit/test_gateway_fakes.py builds a fake one);
 for the admin API `load_model(name, wait)`, `unload_model(name)`, `reload_config(config)`, `config`
 and `config_path` (tests/unit/test_admin_api.py), `drain_node(name, timeout_s)` and
 `undrain_node(name)` (tests/unit/test_drain.py).

@@ -120,12 +120,14 @@ class Relay:
         log.warning("request to %s on %s failed", replica.replica_id, replica.node_name, exc_info=exc)
         lost = self.controller.cluster.is_dead_actor_error(exc)
         if lost:
-            await self.controller.replica_died(replica, f"replica process died: {type(exc).__name__}")
+            self.controller.replica_lost(replica, f"replica process died: {type(exc).__name__}")
         if isinstance(exc, asyncio.TimeoutError):
             return RequestError(f"replica {replica.replica_id} on {replica.node_name} did not answer within "
                                 f"{ANSWER_TIMEOUT_S:.0f} s", status=504, type="server_error", code="timeout")
+        helpers = [h.node for h in replica.assignment.helpers] if replica.assignment else []
+        where = replica.node_name + (f" (split with {', '.join(helpers)} over RPC)" if helpers else "")
         return (ReplicaLost if lost else RequestError)(
-            f"replica {replica.replica_id} on {replica.node_name} failed ({type(exc).__name__}); retry shortly",
+            f"replica {replica.replica_id} on {where} failed ({type(exc).__name__}); retry shortly",
             status=502,
             type="server_error",
         )

@@ -180,6 +180,8 @@ def test_model_that_fits_nowhere_answers_503_with_its_reason(lab):
 
 def kind_of(replica: dict) -> str:
     """A live replica's kind from its layers: all on the GPU, some, or none."""
+    if replica["helpers"]:
+        return "rpc"
     if replica["gpu_layers"] <= 0:
         return "cpu"
     return "gpu" if replica["gpu_layers"] >= replica["total_layers"] else "split"
@@ -203,7 +205,8 @@ def test_plan_against_the_live_cluster_agrees_with_the_placement(lab):
     assert placed_nowhere == {"nowhere"}
     assert {u["model"] for u in plan["unplaced"]} == placed_nowhere
     (nowhere,) = plan["unplaced"]
-    assert set(nowhere["reasons"]) == {"desktop", "laptop-1", "laptop-2"}
+    # one reason per node, and why its layers do not fit the three RPC-capable cards together
+    assert set(nowhere["reasons"]) == {"desktop", "laptop-1", "laptop-2", "across machines (RPC)"}
 
 
 def test_a_node_that_leaves_is_shown_gone_within_the_health_check_time(lab):

@@ -51,6 +51,9 @@ class FakeCluster:
         self.cancelled: list[str] = []
         self.drain_asks: list = []  # DrainRequests `join` left in Ray's KV
         self.drain_answers: list[tuple[object, dict]] = []
+        self.rpc_running: dict[tuple[str, int], int | None] = {}  # (node, port) -> GPU of its RPC server
+        self.rpc_stopped: list[tuple[str, int]] = []
+        self.rpc_broken: dict[str, str] = {}  # node -> why its RPC server cannot start
 
     def list_nodes(self) -> list[RayNode]:
         return [RayNode(f"id-{n}", f"10.0.0.{i}", up, i == 0, n) for i, (n, up) in enumerate(self.alive.items())]
@@ -77,7 +80,23 @@ class FakeCluster:
                 "store": {"models_dir": f"/m/{agent}", "disk_free_bytes": 100 << 30, "files": files,
                           "server_url": f"http://{agent}:9999"},
                 "store_key": f"key-{agent}",
-                "transfers": [p for n, _, p in self.transfers.values() if n == agent]}
+                "transfers": [p for n, _, p in self.transfers.values() if n == agent],
+                "rpc_servers": [{"port": port, "endpoint": f"10.0.0.1:{port}", "gpu_index": gpu, "alive": True}
+                                for (node, port), gpu in sorted(self.rpc_running.items()) if node == agent]}
+
+    async def start_rpc_server(self, agent: str, port: int, gpu_index: int | None) -> dict:
+        if agent in self.rpc_broken:
+            return {"error": self.rpc_broken[agent]}
+        self.rpc_running[(agent, port)] = gpu_index
+        return {"endpoint": f"10.0.0.1:{port}"}
+
+    @staticmethod
+    def round_trip_ms(host: str, port: int) -> float | None:
+        return 0.25  # a wired home LAN
+
+    async def stop_rpc_server(self, agent: str, port: int) -> bool:
+        self.rpc_stopped.append((agent, port))
+        return self.rpc_running.pop((agent, port), "none") != "none"
 
     async def start_transfer(self, agent: str, spec: dict) -> dict:
         progress = {"transfer_id": spec["transfer_id"], "name": spec["name"], "state": "copying",

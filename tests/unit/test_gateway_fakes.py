@@ -258,7 +258,7 @@ class FakeController:
     def retry_after_s(self, name: str) -> int | None:
         return None
 
-    async def replica_died(self, replica: ReplicaRecord, reason: str) -> None:
+    def replica_lost(self, replica: ReplicaRecord, reason: str) -> None:
         self.died.append((replica.replica_id, reason))
         self.replicas.pop((replica.model, replica.index), None)
 
@@ -324,7 +324,7 @@ async def raw_asgi(app, method: str, path: str, body: bytes = b"", *, leave_afte
 
 # ----------------------------------------------------------------------------- the fake's own tests
 
-GATEWAY_USES = ("models", "ready_replicas", "model_state", "retry_after_s", "nodes", "view", "replica_died",
+GATEWAY_USES = ("models", "ready_replicas", "model_state", "retry_after_s", "nodes", "view", "replica_lost",
                 "cluster", "files", "config")
 
 
@@ -334,7 +334,7 @@ def test_fake_controller_offers_what_the_real_one_offers_under_the_same_names():
     for name in GATEWAY_USES:
         assert name in real, name
         assert hasattr(FakeController(), name), name
-    for name in ("ready_replicas", "model_state", "retry_after_s", "replica_died"):
+    for name in ("ready_replicas", "model_state", "retry_after_s", "replica_lost"):
         fake, actual = inspect.signature(getattr(FakeController, name)), inspect.signature(getattr(Controller, name))
         assert list(fake.parameters) == list(actual.parameters), name
 

@@ -72,6 +72,9 @@ def test_json_plan_carries_bytes_as_integers():
         "ram_bytes": GIB,
         "kind": "gpu",
         "parallel": 1,
+        "helpers": [],
+        "tokens_per_s": None,
+        "split_why": None,
     }
     assert data["nodes"][0]["gpus"][0]["vram_total_bytes"] == 16 * GIB
     json.dumps(data)
@@ -179,7 +182,9 @@ def test_command_plans_catalog_models_with_the_real_estimate(tmp_path, capsys):
         ("tiny", 1): ("laptop-2", "gpu"),
     }
     (f16,) = data["unplaced"]
-    assert f16["model"] == "f16-70b" and sorted(f16["reasons"]) == ["desktop", "laptop-1", "laptop-2"]
+    assert f16["model"] == "f16-70b" and sorted(f16["reasons"]) == [
+        "across machines (RPC)", "desktop", "laptop-1", "laptop-2"]
+    assert "usable VRAM" in f16["reasons"]["across machines (RPC)"]  # too big for all three GPUs together
     assert data["problems"]["mystery"].startswith("cannot estimate its memory: /nowhere/mystery.gguf is not on")
 
 
