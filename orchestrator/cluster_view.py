@@ -11,6 +11,7 @@ from typing import Literal
 from pydantic import BaseModel, Field, computed_field
 
 from orchestrator.core.hardware import NodeHardware
+from orchestrator.core.rpc_split import describe_split
 from orchestrator.core.store_types import StoreReport, TransferProgress
 
 NodeState = Literal["alive", "draining", "gone"]  # draining: alive, but placement leaves it out
@@ -89,8 +90,7 @@ class ReplicaView(BaseModel):
             return "-"
         if self.helpers:  # `desktop 45 layers GPU + laptop-1 20 layers GPU (RPC)`
             home = self.gpu_layers - sum(h.layers for h in self.helpers)
-            return " + ".join([f"{self.node} {home} layers GPU"]
-                              + [f"{h.node} {h.layers} layers GPU (RPC)" for h in self.helpers])
+            return describe_split(self.node or "?", home, [(h.node, h.layers) for h in self.helpers])
         if self.gpu_layers <= 0:
             return "100% CPU"
         if self.gpu_layers >= self.total_layers:

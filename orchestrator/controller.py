@@ -495,10 +495,12 @@ class Controller(CopyFlow, Residency, Drain, ReplicaFaults, Rebalance, WakeOnLan
             by_key = {(d.model, d.replica): d for d in demands}
             chosen = {(a.model, a.replica): a for a in second_best}
             for key, plan in self._make_room(misfits, by_key, current).items():
-                if plan is not None:
-                    await self._evict(plan, key[0])
-                    self.unplaced.pop(key[0], None)
-                    chosen[key] = plan.assignment
+                split = chosen.get(key) is not None and chosen[key].kind == "rpc"
+                if plan is None or (split and plan.assignment.kind != "gpu"):
+                    continue  # no room to make, or less than the split across machines gives
+                await self._evict(plan, key[0])
+                self.unplaced.pop(key[0], None)
+                chosen[key] = plan.assignment
             for assignment in chosen.values():
                 self._start(assignment)
         self._rebalance(demands)
@@ -515,6 +517,8 @@ class Controller(CopyFlow, Residency, Drain, ReplicaFaults, Rebalance, WakeOnLan
         if key in self.replicas or assignment.node not in by_name:
             return
         model, node = self.models[assignment.model], by_name[assignment.node]
+        if assignment.helpers:
+            self._split_placed(assignment)
         held = self.files.holders(model.name).get(node.name)
         if held is not None:
             self._start_replica(model, assignment, node, held.path)

@@ -205,17 +205,18 @@ class Drain:
         for record in self._replicas_on(node):
             job.cut_requests += record.in_flight
             await self._drop(record)
-        for record in [r for r in self.retiring if r.node_id == node.node_id]:
+        for record in [r for r in self.retiring if _uses(r, node)]:
             job.cut_requests += record.in_flight
             self.retiring.remove(record)
             await self._kill(record.handle)
         log.warning("drain of %s timed out after %g s: %d request(s) cut", job.node, job.timeout_s, job.cut_requests)
 
     def _replicas_on(self, node: NodeRecord) -> list[ReplicaRecord]:
-        return [r for r in self.replicas.values() if r.node_id == node.node_id]
+        """The replicas that run there, or use its GPU in a split across machines."""
+        return [r for r in self.replicas.values() if _uses(r, node)]
 
     def _anything_on(self, node: NodeRecord, job: DrainJob) -> bool:
-        return bool(job.moving or self._replicas_on(node) or any(r.node_id == node.node_id for r in self.retiring))
+        return bool(job.moving or self._replicas_on(node) or any(_uses(r, node) for r in self.retiring))
 
     def _finish_drain(self, job: DrainJob, state: str, timed_out: bool = False) -> None:
         job.result = job.summary(state, timed_out)
@@ -238,10 +239,8 @@ class Drain:
     def _may_start(self, key: tuple[str, int]) -> bool:
         """Placement leaves a replica on a draining node to the drain (see the module docstring)."""
         record = self.replicas.get(key)
-        if record is not None:
-            node = self.nodes.get(record.node_id)
-            if node is not None and node.draining:
-                return False
+        if record is not None and any(_uses(record, n) for n in self.nodes.values() if n.draining):
+            return False
         return super()._may_start(key)
 
     # ---- join's requests, through Ray's KV ------------------------------------------------
@@ -270,3 +269,8 @@ class Drain:
             await asyncio.to_thread(self.cluster.answer_drain, request, answer)
         except Exception as exc:
             log.warning("could not answer %s's drain request: %s", request.node, exc)
+
+
+def _uses(record: ReplicaRecord, node: NodeRecord) -> bool:
+    """Whether the replica runs on `node` or uses its GPU as a split's helper."""
+    return record.node_id == node.node_id or any(h.node == node.name for h in record.assignment.helpers)

@@ -40,10 +40,15 @@ def plan_to_dict(
     """The same plan as JSON-ready data (bytes as integers)."""
     return {
         "nodes": [_node_dict(n) for n in nodes],
-        "assignments": [{**asdict(a), "helpers": [asdict(h) for h in a.helpers]} for a in result.assignments],
+        "assignments": [assignment_dict(a) for a in result.assignments],
         "unplaced": [{"model": u.model, "replica": u.replica, "reasons": dict(u.reasons)} for u in result.unplaced],
         "problems": dict(problems or {}),
     }
+
+
+def assignment_dict(a: Assignment) -> dict:
+    """An assignment as JSON-ready data (its helpers a list)."""
+    return {**asdict(a), "helpers": [asdict(h) for h in a.helpers]}
 
 
 # ----------------------------------------------------------------------------- sections

@@ -48,6 +48,8 @@ class ReplicaFaults:
         key = (replica.model, replica.index)
         if self.replicas.get(key) is replica:
             del self.replicas[key]
+            # Held now, not once _bury gets to it: a tick meanwhile would place it again at once.
+            self.held_until[key] = (time.monotonic() + 3 * AGENT_PROBE_S, f"{replica.replica_id} stopped: {reason}")
             self._spawn(self._bury(replica, reason))
 
     async def _bury(self, replica: ReplicaRecord, reason: str) -> None:

@@ -357,6 +357,10 @@ class Residency:
         node = self.nodes.get(r.node_id)
         return node is None or node.hardware is None or node.hardware.source == "file"
 
+    def _declared_node(self, name: str) -> bool:
+        node = next((n for n in self.nodes.values() if n.name == name and n.alive), None)
+        return node is None or node.hardware is None or node.hardware.source == "file"
+
     def _freed_by(self, r: ReplicaRecord) -> tuple[int, int]:
         """(VRAM, RAM) bytes unloading a ready replica gives back: shown and held together."""
         a = r.assignment
@@ -375,6 +379,9 @@ class Residency:
             held_ram[a.node] = held_ram.get(a.node, 0) + ram
             if a.gpu_index is not None:
                 held_vram[a.node, a.gpu_index] = held_vram.get((a.node, a.gpu_index), 0) + vram
+            for h in a.helpers:  # a split's part on a helper's GPU: shown there once it loaded, if measured
+                if r.state in LOADING_STATES or self._declared_node(h.node):
+                    held_vram[h.node, h.gpu_index] = held_vram.get((h.node, h.gpu_index), 0) + h.gpu_bytes
         out = []
         for snapshot in self._snapshots():
             gpus = tuple(replace(g, vram_free_bytes=g.vram_free_bytes - held_vram.get((snapshot.name, g.index), 0))

@@ -75,7 +75,8 @@ class RpcHelpers:
                     if n.alive and n.hardware is not None and n.name and n.name not in self.helpers_lost}
         speed = {n.name: n.speed_factor for n in self.nodes.values() if n.name and n.speed_factor}
         return make_splitter(self.shapes, lambda model, slots: estimate_options(self.models[model], slots), hardware,
-                             speed, self.split_speed_factors, {m: why for m, (_, why) in self.split_refused.items()})
+                             speed, self.split_speed_factors, {m: why for m, (_, why) in self.split_refused.items()},
+                             {m: c.factor for m, c in self.calibrations.items()})
 
     # ---- run ----------------------------------------------------------------------------
     def _helper_settings(self, assignment: Assignment) -> dict:
@@ -92,9 +93,12 @@ class RpcHelpers:
                                                             part.gpu_index)
             endpoints.append(f"{node.address}:{port}")
             layers.append(part.layers)
+        return {"rpc_servers": tuple(endpoints), "rpc_layers": tuple(layers)}
+
+    def _split_placed(self, assignment: Assignment) -> None:
+        """Placement took a split: remember the measured factor its prediction carries."""
         key = (assignment.model, assignment.replica)
         self._planned_factors[key] = self.split_speed_factors.get(split_key(assignment.nodes), 1.0)
-        return {"rpc_servers": tuple(endpoints), "rpc_layers": tuple(layers)}
 
     def _adopt_rpc_uses(self, key: tuple[str, int], record: ReplicaRecord | None) -> None:
         """The ports `_helper_settings` reserved belong to `record` now (None: it was not
@@ -127,6 +131,9 @@ class RpcHelpers:
                 self.split_refused[record.model] = (time.monotonic() + SPLIT_REFUSED_S, f"{use.node}: {answer['error']}")
                 return f"{use.node}: {answer['error']}"
             use.started = True
+            if self.rpc_uses.get((use.node, use.port)) is not use:  # the replica went while it started
+                await self._stop_rpc_server(use.node, use.port)
+                return f"{record.replica_id} is gone"
             log.info("%s: RPC server on %s at %s", record.replica_id, use.node, answer.get("endpoint"))
         return None
 
@@ -137,8 +144,9 @@ class RpcHelpers:
         await self._stop_unused_rpc_servers()
 
     async def _stop_unused_rpc_servers(self) -> None:
-        """Stop each RPC server whose replica is gone (the sweep, each tick); a replica whose
-        helper's server died is ended (llama.cpp would abort at its next token anyway)."""
+        """Stop each RPC server whose replica is gone (the sweep, each tick), and any a node
+        lists that no replica uses (a start that timed out here yet went on there); a replica
+        whose helper's server died is ended (llama.cpp would abort at its next token anyway)."""
         by_name = {n.name: n for n in self.nodes.values() if n.alive}
         for (name, port), use in list(self.rpc_uses.items()):
             if use.record is not None and self.replicas.get(use.key) is use.record:
@@ -147,13 +155,23 @@ class RpcHelpers:
                 continue
             if use.record is not None and (use.record in self.retiring or self.moves.get(use.key) is use.record):
                 continue  # moved away from, it serves its last requests; or a move's replica, loading
-            del self.rpc_uses[(name, port)]
-            node = by_name.get(name)
-            if use.started and node is not None and node.agent is not None:
-                try:
-                    await self.cluster.stop_rpc_server(node.agent, port)
-                except Exception as exc:  # its agent is gone: its servers went with it
-                    log.info("could not stop the RPC server on %s:%d: %s", name, port, exc)
+            if self.rpc_uses.pop((name, port), None) is not None:  # another sweep may have taken it meanwhile
+                await self._stop_rpc_server(name, port)
+        for node in by_name.values():
+            for server in node.rpc_servers or ():
+                if (node.name, server.get("port")) not in self.rpc_uses:
+                    await self._stop_rpc_server(node.name, server["port"])
+
+    async def _stop_rpc_server(self, name: str, port: int) -> None:
+        node = next((n for n in self.nodes.values() if n.alive and n.name == name), None)
+        if node is None or node.agent is None:
+            return  # its agent is gone: its servers went with it
+        try:
+            await self.cluster.stop_rpc_server(node.agent, port)
+        except Exception as exc:
+            log.info("could not stop the RPC server on %s:%d: %s", name, port, exc)
+        if node.rpc_servers:  # not listed again until its next report
+            node.rpc_servers = [s for s in node.rpc_servers if s.get("port") != port]
 
     async def _lost_helper(self, replica: ReplicaRecord) -> str | None:
         """The first helper node of a split replica that no longer answers (it is left out of
@@ -176,11 +194,17 @@ class RpcHelpers:
         if not self.config.cluster.rpc_split or now - self._links_measured_at < LINK_MEASURE_S:
             return
         self._links_measured_at = now
-        for node in [n for n in self.nodes.values() if n.alive and n.store is not None and n.store.server_url]:
+        nodes = [n for n in self.nodes.values() if n.alive and n.store is not None and n.store.server_url]
+        self._spawn(self._measure(nodes))  # a machine that does not answer takes seconds: not in the tick
+
+    async def _measure(self, nodes: list[NodeRecord]) -> None:
+        async def one(node: NodeRecord) -> None:
             url = urlsplit(node.store.server_url)
             if url.hostname and url.port:
                 rtt = await asyncio.to_thread(self.cluster.round_trip_ms, url.hostname, url.port)
                 node.measured_link_rtt_ms = rtt if rtt is not None else node.measured_link_rtt_ms
+
+        await asyncio.gather(*(one(n) for n in nodes))
 
     def _calibrate_split(self, replica: ReplicaRecord) -> None:
         a = replica.assignment

@@ -10,6 +10,7 @@ calibration, what splits measured before, splits refused of late) and handed to 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 
 from orchestrator.core.estimate import EstimateOptions
 from orchestrator.core.hardware import NodeHardware
@@ -28,11 +29,15 @@ def make_splitter(
     speed_factors: Mapping[str, float] | None = None,
     split_factors: Mapping[str, float] | None = None,
     refused: Mapping[str, str] | None = None,
+    memory_factors: Mapping[str, float] | None = None,
 ) -> Splitter:
     """`speed_factors`: per node, measured / predicted single-node decode speed;
     `split_factors`: per split_key, measured / predicted speed of a split across those nodes;
-    `refused`: model -> why its split may not be used now (a helper's RPC server failed)."""
+    `refused`: model -> why its split may not be used now (a helper's RPC server failed);
+    `memory_factors`: model -> llama.cpp's dry run over the analytic estimate, which scales
+    each part's memory as it scales the single-node demands."""
     speed_factors, split_factors, refused = speed_factors or {}, split_factors or {}, refused or {}
+    memory_factors = memory_factors or {}
 
     def splitter(demand: ModelDemand, rooms: Sequence[GpuRoom], single: SingleOption | None) -> SplitOffer | str:
         if demand.model in refused:
@@ -41,13 +46,15 @@ def make_splitter(
         if shape is None:
             return "split not weighed: the model's shape is not known"
         opts = options_for(demand.model, demand.slots)
-        gpus = [_split_gpu(room, hardware[room.node], speed_factors.get(room.node, 1.0))
+        scale = memory_factors.get(demand.model, 1.0)  # planned at the estimate's scale, booked at llama.cpp's
+        gpus = [_split_gpu(replace(room, usable_bytes=int(room.usable_bytes / scale)), hardware[room.node],
+                           speed_factors.get(room.node, 1.0))
                 for room in rooms if room.node in hardware]
         plan, taken, why = decide_split(shape, opts, gpus, _single_speed(shape, single, hardware, speed_factors),
                                         single_runs=single is not None, measured=split_factors)
         if not isinstance(plan, SplitPlan) or not taken:
             return why
-        parts = tuple(GpuPart(p.node, p.gpu_index, p.offloaded, p.gpu_bytes) for p in plan.parts)
+        parts = tuple(GpuPart(p.node, p.gpu_index, p.offloaded, int(p.gpu_bytes * scale)) for p in plan.parts)
         return SplitOffer(parts, plan.tokens_per_s, why)
 
     return splitter

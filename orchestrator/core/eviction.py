@@ -169,6 +169,9 @@ def freed_snapshots(nodes: Sequence[NodeSnapshot], victims: Sequence[Evictable])
         ram[a.node] = ram.get(a.node, 0) + v.freed_ram_bytes
         if a.gpu_index is not None:
             vram[a.node, a.gpu_index] = vram.get((a.node, a.gpu_index), 0) + v.freed_gpu_bytes
+        for h in a.helpers:  # a split across machines gives back its helpers' GPUs too
+            vram[h.node, h.gpu_index] = vram.get((h.node, h.gpu_index), 0) + h.gpu_bytes
+            ram.setdefault(h.node, 0)
     out = []
     for n in nodes:
         if n.name not in ram:

@@ -329,9 +329,9 @@ def _place_group(
             placed.append((need, _commit(need, *chosen)))
     for need, candidates in rest:  # pass 2: split, across machines if faster, else CPU only, else reasons
         chosen = _choose_rest(need, candidates)
-        offer = _offer_split(need, candidates, chosen, splitter)
+        offer = _offer_split(need, [n for n in ordered if n.snapshot.alive], chosen, splitter)
         if isinstance(offer, SplitOffer):
-            offer = _commit_split(need, offer, ledger)
+            offer = _commit_split(need, offer, ledger, candidates)
         if isinstance(offer, Assignment):
             placed.append((need, offer))
         elif chosen:
@@ -387,27 +387,31 @@ def _unplaced(need: _Need, ordered: list[_Node], ledger: Mapping[str, _Node], sp
 SPLIT_REASON_KEY = "across machines (RPC)"  # Unplaced.reasons' entry for the split that was weighed
 
 
-def _offer_split(need: _Need, candidates: list[_Node], single: _Choice | None,
+def _offer_split(need: _Need, alive: list[_Node], single: _Choice | None,
                  splitter: Splitter | None) -> SplitOffer | str | None:
     """What the splitter offers over `single` (the best single-node choice, or None); None
-    where a split across machines is not considered at all."""
+    where a split across machines is not considered at all. Any live node's GPU may help (a
+    helper needs no copy of the file); the main node must be a candidate (_commit_split)."""
     d = need.demand
     if splitter is None or d.pin_node is not None or d.fixed_gpu_layers is not None or d.n_layers < 2:
         return None
     rooms = [GpuRoom(n.name, g.index, g.name, _vram_for(g, d))
-             for n in candidates if n.snapshot.rpc for g in n.gpus if _vram_for(g, d) > 0]
+             for n in alive if n.snapshot.rpc for g in n.gpus if _vram_for(g, d) > 0]
     if len({r.node for r in rooms}) < 2:
         return None
     best = None if single is None else SingleOption(single[0].name, single[1].index if single[1] else None, single[2])
     return splitter(d, rooms, best)
 
 
-def _commit_split(need: _Need, offer: SplitOffer, ledger: Mapping[str, _Node]) -> Assignment | str:
+def _commit_split(need: _Need, offer: SplitOffer, ledger: Mapping[str, _Node],
+                  candidates: list[_Node]) -> Assignment | str:
     """Take the offer's memory off the ledger: the main node's RAM (as for a whole GPU fit) and
     each part on its GPU; or why the main node cannot hold its part."""
     d = need.demand
     main = offer.parts[-1]
     node = ledger[main.node]
+    if node not in candidates:  # e.g. no disk room for the file there
+        return f"split not taken: its main node {main.node} cannot run it ({_why_excluded(node, d)})"
     ram_bytes = need.at(d.n_layers).ram_bytes
     if ram_bytes > node.usable_ram_bytes:
         return f"split not taken: its main node {main.node} needs {need.ram_text(d.n_layers)} RAM, {node.room_text()}"

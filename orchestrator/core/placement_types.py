@@ -11,6 +11,7 @@ from typing import Literal, NamedTuple
 
 from orchestrator.core.hardware import GIB, MIB, NodeHardware
 from orchestrator.core.memory import NeedFunction, scaled_need
+from orchestrator.core.rpc_split import describe_split
 
 # gpu: whole on one GPU; split: GPU/CPU on one node; rpc: across the GPUs of several nodes
 # (llama.cpp's RPC, orchestrator/core/rpc_split.py); cpu: CPU only.
@@ -176,8 +177,7 @@ class Assignment:
 
     def describe(self) -> str:
         """`desktop 45 layers GPU + laptop-1 20 layers GPU (RPC)` for a split across machines."""
-        return " + ".join([f"{self.node} {self.home_layers} layers GPU"]
-                          + [f"{h.node} {h.layers} layers GPU (RPC)" for h in self.helpers])
+        return describe_split(self.node, self.home_layers, [(h.node, h.layers) for h in self.helpers])
 
 
 @dataclass(frozen=True)

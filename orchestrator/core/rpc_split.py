@@ -111,10 +111,15 @@ class SplitPlan:
         return tuple(p.node for p in self.parts)
 
     def describe(self) -> str:
-        """`desktop 45 layers GPU + laptop-1 20 layers GPU (RPC)`: the main node first."""
         main, helpers = self.parts[-1], self.parts[:-1]
-        return " + ".join([f"{main.node} {main.offloaded} layers GPU"]
-                          + [f"{p.node} {p.offloaded} layers GPU (RPC)" for p in helpers])
+        return describe_split(main.node, main.offloaded, [(p.node, p.offloaded) for p in helpers])
+
+
+def describe_split(main_node: str, main_layers: int, helpers: Iterable[tuple[str, int]]) -> str:
+    """`desktop 45 layers GPU + laptop-1 20 layers GPU (RPC)`: the main node first, then each
+    helper (node, offloaded layers)."""
+    return " + ".join([f"{main_node} {main_layers} layers GPU"]
+                      + [f"{node} {layers} layers GPU (RPC)" for node, layers in helpers])
 
 
 def plan_split(shape: ModelShape, opts: EstimateOptions, gpus: Sequence[SplitGpu]) -> SplitPlan | str:

@@ -17,7 +17,7 @@ import asyncio
 import os
 import re
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Query, Request
@@ -32,8 +32,9 @@ from orchestrator.core.hardware import NodeHardware
 from orchestrator.core.model_shape import ModelShape
 from orchestrator.core.placement import DEFAULT_MAX_SLOTS, ModelDemand
 from orchestrator.fit import fit_report, fit_to_dict, render_fit
+from orchestrator.split_planner import make_splitter
 from orchestrator.gateway.openapi import error_responses
-from orchestrator.plan_report import render_plan
+from orchestrator.plan_report import assignment_dict, render_plan
 from worker.errors import RequestError
 
 if TYPE_CHECKING:
@@ -166,7 +167,9 @@ def plan_answer(view: ClusterView, shape: ModelShape, source: str, query: PlanQu
     needs = slot_needs(shape, query.options)
     demand = ModelDemand(model=query.model, replica=0, n_layers=shape.n_layers + 1, need=needs(1), slots=1,
                          need_for_slots=needs, max_slots=DEFAULT_MAX_SLOTS)
-    result = make_plan(nodes, [demand], ready, loading)
+    splitter = make_splitter({query.model: shape}, lambda _, slots: replace(query.options, n_slots=slots),
+                             {h.name: h for h in hardware}, factors)
+    result = make_plan(nodes, [demand], ready, loading, splitter)
     return PlanAnswer(
         model=query.model, source=source, n_ctx=report.whole_gpu.n_ctx, kv_type=query.options.kv_type,
         flash_attn=query.options.flash_attn, fit=fit_to_dict(report), fit_text=render_fit(report),
@@ -179,9 +182,10 @@ def _placement(result) -> PlanPlacement:
         a = result.assignments[0]
         where = a.node if a.gpu_index is None else f"{a.node} GPU {a.gpu_index}"
         layers = {"gpu": "whole on the GPU", "split": f"{a.gpu_layers} of {a.n_layers} layers on the GPU",
-                  "cpu": "on the CPU only"}.get(a.kind, a.kind)
+                  "rpc": f"across machines: {a.describe()}", "cpu": "on the CPU only"}[a.kind]
         slots = f"{a.parallel} slot" + ("" if a.parallel == 1 else "s")
-        return PlanPlacement(placed=True, summary=f"would run on {where}, {layers}, {slots}", assignment=asdict(a))
+        return PlanPlacement(placed=True, summary=f"would run on {where}, {layers}, {slots}",
+                             assignment=assignment_dict(a))
     unplaced = result.unplaced[0] if result.unplaced else None
     reasons = dict(unplaced.reasons) if unplaced else {}
     summary = "fits on no node now" if reasons else "no alive node to plan on"

@@ -6,6 +6,7 @@ leaves means the model is placed again without it."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 from orchestrator.controller import Controller
 from tests.unit.test_controller import LAB, FakeCluster, config, run_ticks
@@ -105,3 +106,69 @@ def test_each_nodes_round_trip_is_measured_and_prices_its_hops():
     run_ticks(controller, 4)
     hardware = {n.name: n.hardware for n in controller.view().nodes}
     assert all(h.link_rtt_ms == 0.25 for h in hardware.values())  # the fake's LAN; no file declares one
+
+
+def test_draining_a_helper_ends_its_part_in_the_split_and_the_model_runs_without_it():
+    fake, controller = coder()
+    run_ticks(controller, 4)
+    first = controller.replicas[("coder", 0)]
+    (helper,) = [h.node for h in first.assignment.helpers]
+    drain = _drain(controller, helper)
+    assert drain["state"] == "drained"
+    assert [s["replica"] for s in drain["stopped"]] + [m["replica"] for m in drain["moved"]] == ["coder#0"]
+    run_ticks(controller, 4)
+    again = controller.replicas[("coder", 0)]
+    assert again is not first and helper not in again.assignment.nodes
+    assert (helper, 50052) not in fake.rpc_running  # its server stopped with the replica
+
+
+def _drain(controller: Controller, node: str) -> dict:
+    async def scenario():
+        task = asyncio.create_task(controller.drain_node(node, timeout_s=30))
+        for _ in range(6):
+            await controller.tick()
+            await asyncio.sleep(0)
+            if task.done():
+                break
+        return await asyncio.wait_for(task, 5)
+
+    return asyncio.run(scenario())
+
+
+def test_a_helpers_gpu_is_booked_for_its_part_of_the_split():
+    fake = FakeCluster(LAB)
+    controller = Controller(config([
+        {"name": "coder", "path": CODER_32B, "context": 4096, "parallel": 1},
+        {"name": "b", "path": "deepseek-r1-distill-qwen-7b.gguf", "context": 4096, "parallel": 1, "load": "on_demand"},
+    ]), fake)
+    run_ticks(controller, 4)
+    (helper,) = controller.replicas[("coder", 0)].assignment.helpers
+    controller.request_load("b")
+    run_ticks(controller, 4)
+    b = controller.replicas[("b", 0)].assignment
+    assert b.kind == "gpu" and b.node != helper.node  # the helper's card is taken: the other laptop's is not
+
+
+def test_an_rpc_server_no_replica_uses_is_stopped():
+    fake, controller = coder()
+    run_ticks(controller, 4)
+    fake.rpc_running[("laptop-2", 50099)] = 0  # a start that timed out at the head but went on there
+    run_ticks(controller, 2)
+    assert ("laptop-2", 50099) in fake.rpc_stopped and ("laptop-2", 50099) not in fake.rpc_running
+    assert controller.replicas[("coder", 0)].state == "ready"
+
+
+def test_unloading_idle_models_never_turns_a_split_across_machines_into_a_slower_one():
+    fake = FakeCluster(LAB)
+    controller = Controller(config([
+        {"name": "tiny", "path": "gemma-3-270m.gguf", "context": 4096, "parallel": 1, "node": "desktop",
+         "load": "on_demand", "keep_alive": "1h"},
+        {"name": "coder", "path": CODER_32B, "context": 4096, "parallel": 1, "load": "on_demand"},
+    ]), fake)
+    controller.request_load("tiny")
+    run_ticks(controller, 4)
+    controller.last_used["tiny"] = time.monotonic() - 100  # idle: evictable
+    controller.request_load("coder")
+    run_ticks(controller, 4)
+    assert controller.replicas[("coder", 0)].assignment.kind == "rpc"
+    assert controller.model_state("tiny")[0] == "ready"  # not evicted for a worse placement
