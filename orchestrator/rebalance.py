@@ -12,7 +12,10 @@ better node that lacks the file gets a copy first (from a peer, or the model's `
 the old replica serves, and the move follows once the node reports the file. The new
 replica loads while the old one serves; once it is ready, routing switches to it and the
 old one stops when its last request ends. One move at a time; a move that fails to load
-leaves the old replica serving. `cluster.rebalance: false` turns it off.
+leaves the old replica serving. A split across machines that fits only in the memory its
+model holds now (the helper came back; the main card is the same) is taken break-before-make,
+and only while nobody uses the model: it is unloaded and loaded again split.
+`cluster.rebalance: false` turns it off.
 """
 
 from __future__ import annotations
@@ -80,10 +83,28 @@ class Rebalance:
                 demand = replace(demand, pin_node=target.node)
             now = place(self._ledger_snapshots(), [demand], current=others, splitter=splitter)
             if not now.assignments or not better(now.assignments[0], record.assignment):
+                if target.kind == "rpc" and self._restart_into_split(record, demand, others, splitter):
+                    return
                 continue  # it does not fit there beside what runs now
             if self._start_move(record, now.assignments[0]):
                 self._rebalance_at = self._rebalance_at or time.monotonic()  # then look for the next one
                 return
+
+    def _restart_into_split(self, record: ReplicaRecord, demand, others: list, splitter) -> bool:
+        """A split across machines (a helper came back) that fits only once this replica's own
+        memory is free, as on the same card: if nobody uses the model now, unload it; the tick
+        loads it again as the split (break-before-make, while nobody waits)."""
+        if self.busy(record.model):
+            return False
+        freed = place(self._snapshots_without([record]), [demand], current=others, splitter=splitter)
+        if not freed.assignments or freed.assignments[0].kind != "rpc":
+            return False
+        split = freed.assignments[0]
+        why = (f"{record.replica_id} is idle: unloaded from {record.node_name} ({record.assignment.kind}) to load "
+               f"again across machines, {split.describe()}: {split.split_why}")
+        self._spawn(self._retire(record, why, kind="moving"))
+        self._rebalance_at = self._rebalance_at or time.monotonic()  # then look for the next one
+        return True
 
     def _snapshots_without(self, records: list) -> list:
         """The ledger's nodes with these replicas' memory given back."""

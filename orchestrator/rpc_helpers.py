@@ -68,6 +68,8 @@ class RpcHelpers:
         now = time.monotonic()
         live = frozenset(n.name for n in self.nodes.values() if n.alive and n.name)
         if live != self._split_nodes_seen:  # a machine joined or came back: refusals may be over
+            back = live - self._split_nodes_seen
+            self.helpers_lost = {n: until for n, until in self.helpers_lost.items() if n not in back}
             self.split_refused, self._split_nodes_seen = {}, live
         self.split_refused = {m: v for m, v in self.split_refused.items() if v[0] > now}
         self.helpers_lost = {n: until for n, until in self.helpers_lost.items() if until > now}

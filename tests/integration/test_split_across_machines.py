@@ -69,7 +69,8 @@ def split_fleet(tmp_path_factory, gemma_path):
                                                              "--hardware", laptop, env=env))
             head.wait_for_nodes(["laptop-1"], timeout_s=120)
             view = head.wait_for_models({"gemma": {"ready"}}, timeout_s=300)
-            yield {"head": head, "laptop": laptop_proc, "view": view, "gemma": gemma_path}
+            yield {"head": head, "laptop": laptop_proc, "view": view, "gemma": gemma_path, "tmp": tmp,
+                   "laptop_hardware": laptop, "env": env}
 
 
 def chat(url: str, max_tokens: int = 24, messages=MESSAGES) -> httpx.Response:
@@ -160,6 +161,27 @@ def test_losing_the_laptop_mid_stream_ends_the_stream_with_an_error_and_the_mode
     assert replica["node"] == "desktop" and not replica["helpers"]
     again = chat(head.url, max_tokens=8)
     assert again.status_code == 200, again.text
+
+
+def test_when_the_laptop_comes_back_the_idle_model_goes_back_to_its_split(split_fleet):
+    """After the previous test: the laptop joins again (it woke up); nobody uses the model, so
+    it is unloaded from the desktop and loaded again across both machines."""
+    head = split_fleet["head"]
+    with homefleet_join(split_fleet["tmp"], ray_address_of(head), "laptop-1", "127.0.0.3", "--hardware",
+                        split_fleet["laptop_hardware"], env=split_fleet["env"]):
+        head.wait_for_nodes(["laptop-1"], timeout_s=120)
+        deadline = time.monotonic() + 180
+        replicas: list = []
+        while time.monotonic() < deadline:
+            replicas = model_of(head.cluster(), "gemma")["replicas"]
+            if replicas and replicas[0]["state"] == "ready" and replicas[0]["helpers"]:
+                break
+            time.sleep(1)
+        assert replicas and replicas[0]["helpers"] and replicas[0]["helpers"][0]["node"] == "laptop-1", replicas
+        moving = [e for e in head.cluster()["events"] if e["kind"] == "moving"]
+        assert moving and "is idle" in moving[-1]["reason"], moving
+        answer = chat(head.url)
+        assert answer.status_code == 200, answer.text
 
 
 def _cmdline(process: psutil.Process) -> list[str]:

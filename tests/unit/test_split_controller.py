@@ -172,3 +172,44 @@ def test_unloading_idle_models_never_turns_a_split_across_machines_into_a_slower
     run_ticks(controller, 4)
     assert controller.replicas[("coder", 0)].assignment.kind == "rpc"
     assert controller.model_state("tiny")[0] == "ready"  # not evicted for a worse placement
+
+
+def test_an_idle_model_goes_back_to_its_split_when_the_helper_comes_back(monkeypatch):
+    import orchestrator.rebalance
+
+    monkeypatch.setattr(orchestrator.rebalance, "REBALANCE_SETTLE_S", 0.0)
+    fake, controller = coder()
+    fake.alive["laptop-1"] = fake.alive["laptop-2"] = False  # asleep: the desktop alone
+    run_ticks(controller, 4)
+    assert controller.replicas[("coder", 0)].assignment.kind == "split"
+    fake.alive["laptop-1"] = True  # a laptop wakes
+    run_ticks(controller, 6)
+    back = controller.replicas[("coder", 0)]
+    assert back.assignment.kind == "rpc" and back.assignment.helpers[0].node == "laptop-1"
+    assert any(e["kind"] == "moving" and "is idle" in e["reason"] for e in controller.events.since())
+
+
+def test_a_busy_model_is_not_restarted_into_a_split(monkeypatch):
+    import orchestrator.rebalance
+
+    monkeypatch.setattr(orchestrator.rebalance, "REBALANCE_SETTLE_S", 0.0)
+    fake, controller = coder()
+    fake.alive["laptop-1"] = fake.alive["laptop-2"] = False
+    run_ticks(controller, 4)
+    single = controller.replicas[("coder", 0)]
+    single.in_flight = 1  # a request is running
+    fake.alive["laptop-1"] = True
+    run_ticks(controller, 6)
+    assert controller.replicas[("coder", 0)] is single and single.state == "ready"
+
+
+def test_a_helper_that_stopped_answering_takes_part_again_once_it_rejoins():
+    fake, controller = coder()
+    run_ticks(controller, 4)
+    controller.helpers_lost["laptop-1"] = time.monotonic() + 3600  # it stopped answering mid-split
+    fake.alive["laptop-1"] = False
+    run_ticks(controller, 2)
+    assert "laptop-1" in controller.helpers_lost
+    fake.alive["laptop-1"] = True  # back
+    run_ticks(controller, 2)
+    assert "laptop-1" not in controller.helpers_lost
