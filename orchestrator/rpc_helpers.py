@@ -213,13 +213,10 @@ class RpcHelpers:
         measured = replica.info.get("decode_tokens_per_s")
         if not measured or not a.tokens_per_s:
             return
-        if any(self._node_named(name) is None or self._node_named(name).hardware.source != "probe" for name in a.nodes):
+        if any(self._declared_node(name) for name in a.nodes):
             return  # a declared machine: this host's speed says nothing about it
         planned = self._planned_factors.get((replica.model, replica.index), 1.0)  # already in a.tokens_per_s
         self.split_speed_factors[split_key(a.nodes)] = round(planned * measured / a.tokens_per_s, 3)
-
-    def _node_named(self, name: str) -> NodeRecord | None:
-        return next((n for n in self.nodes.values() if n.name == name and n.hardware is not None), None)
 
 
 def _server_alive(node: NodeRecord | None, port: int) -> bool:

@@ -126,6 +126,25 @@ def wait_for_gateway(ns: str, url: str, popen: subprocess.Popen, timeout_s: floa
     return None
 
 
+def wait_for_fleet(ns: str, url: str, nodes: set[str], model: str, popens: list[subprocess.Popen],
+                   deadline: float) -> tuple[dict, str | None]:
+    """Wait, asking from inside `ns`, until `nodes` are alive and `model` is ready: (the last
+    cluster view, None), or (the last view, why not) once a process exited or time ran out."""
+    view: dict = {}
+    while True:
+        answer = in_namespace(ns, "GET", f"{url}/api/cluster")
+        if answer.get("status") == 200:
+            view = json.loads(answer["body"])
+            alive = {n["name"] for n in view["nodes"] if n["state"] == "alive"}
+            states = {m["name"]: m["state"] for m in view["models"]}
+            if nodes <= alive and states.get(model) == "ready":
+                return view, None
+        exited = [f"{p.args[3]}: {p.args[7]} exited {p.returncode}" for p in popens if p.poll() is not None]
+        if exited or time.monotonic() > deadline:
+            return view, f"not {', '.join(sorted(nodes))} alive and {model} ready (exited: {exited})"
+        time.sleep(1)
+
+
 def start_in(ns: str, command: list[str], log_path: Path, env: dict[str, str]) -> subprocess.Popen:
     with open(log_path, "wb") as log:  # `ip netns exec` execs the command: the PID is the command's
         return subprocess.Popen(["ip", "netns", "exec", ns, *command], env=env, stdout=log, stderr=subprocess.STDOUT)

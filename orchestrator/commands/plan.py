@@ -8,11 +8,10 @@ replicas are kept where they are. Models come from `--config`. Nothing is starte
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from orchestrator.cluster_view import ClusterView
 from orchestrator.commands.status import StatusError, fetch_cluster
 from orchestrator.config import ConfigError, HomefleetConfig, load_config
 from orchestrator.core.hardware import NodeHardware
+from orchestrator.core.model_shape import ModelShape
 from orchestrator.core.placement import (
     Assignment,
     GpuPart,
@@ -33,7 +33,7 @@ from orchestrator.core.placement import (
     reservations_for,
     snapshot_from_hardware,
 )
-from orchestrator.demand import SIZING_ERRORS, default_shape_loader, demands_for, estimate_options
+from orchestrator.demand import default_shape_loader, demands_for, estimate_options
 from orchestrator.split_planner import make_splitter
 from orchestrator.machines import HardwareFileError, default_machine_files, load_hardware_file
 from orchestrator.plan_report import plan_to_dict, render_plan
@@ -76,11 +76,11 @@ def run(args: argparse.Namespace) -> int:
         else:
             hardware = hardware_from_files(args.nodes)
             nodes, current, loading = [snapshot_from_hardware(h) for h in hardware], [], []
-        demands, problems = _demands(config)
+        demands, problems, shapes = _demands(config)
     except (PlanError, ConfigError) as exc:
         print(f"homefleet plan: {exc}", file=sys.stderr)
         return 1
-    result = make_plan(nodes, demands, current, loading, splitter_for(config, hardware))
+    result = make_plan(nodes, demands, current, loading, splitter_for(config, hardware, shapes))
     if args.json:
         print(json.dumps(plan_to_dict(result, nodes, problems), indent=2))
     else:
@@ -99,16 +99,12 @@ def make_plan(
     return place(nodes, demands, current=[*current, *loading], reserved=reservations_for(loading), splitter=splitter)
 
 
-def splitter_for(config: HomefleetConfig, hardware: Sequence[NodeHardware]) -> Splitter | None:
-    """Splits across machines weighed as the running head weighs them (orchestrator/split_planner.py)."""
+def splitter_for(config: HomefleetConfig, hardware: Sequence[NodeHardware],
+                 shapes: Mapping[str, ModelShape]) -> Splitter | None:
+    """Splits across machines weighed as the running head weighs them (orchestrator/split_planner.py),
+    for the models whose `shapes` are known."""
     if not config.cluster.rpc_split:
         return None
-    shapes = {}
-    for model in config.models:
-        try:
-            shapes[model.name] = default_shape_loader(model, config.cluster.models_dir)
-        except SIZING_ERRORS:
-            continue  # a problem line already says why
     models = {m.name: m for m in config.models}
     return make_splitter(shapes, lambda name, slots: estimate_options(models[name], slots),
                          {h.name: h for h in hardware})
@@ -183,11 +179,17 @@ def _load_hardware(path: Path) -> NodeHardware:
 # ----------------------------------------------------------------------------- models
 
 
-def _demands(config: HomefleetConfig) -> tuple[list[ModelDemand], dict[str, str]]:
-    """ModelDemands of the config; a model whose size cannot be known becomes a problem line."""
+def _demands(config: HomefleetConfig) -> tuple[list[ModelDemand], dict[str, str], dict[str, ModelShape]]:
+    """ModelDemands of the config, and the shapes they were sized from (each GGUF header read
+    once); a model whose size cannot be known becomes a problem line."""
     if not config.models:
-        return [], {}
+        return [], {}, {}
     problems: dict[str, str] = {}
-    load_shape = functools.partial(default_shape_loader, models_dir=config.cluster.models_dir)
+    shapes: dict[str, ModelShape] = {}
+
+    def load_shape(model):
+        shapes[model.name] = default_shape_loader(model, models_dir=config.cluster.models_dir)
+        return shapes[model.name]
+
     demands = demands_for(config.models, load_shape, on_problem=problems.__setitem__)
-    return demands, problems
+    return demands, problems, shapes

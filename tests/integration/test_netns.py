@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.netns import VethHosts, in_namespace, namespace_env, start_in, stop_all, wait_for_gateway
+from tests.netns import VethHosts, in_namespace, namespace_env, start_in, stop_all, wait_for_fleet, wait_for_gateway
 from tests.support import free_port, homefleet_command, joining_token_file, write_config
 
 pytestmark = pytest.mark.integration
@@ -66,20 +66,9 @@ def test_chat_is_served_by_a_node_on_another_host_across_network_namespaces(tmp_
             "join", f"{HEAD_IP}:{ray_port}", "--token-file", str(joining_token_file(tmp_path)), "--name", "far",
             "--node-ip-address", WORKER_IP), join_log, namespace_env()))
 
-        view: dict = {}
-        while True:
-            answer = in_namespace(hosts.first, "GET", f"{url}/api/cluster")
-            if answer.get("status") == 200:
-                view = json.loads(answer["body"])
-                alive = {n["name"] for n in view["nodes"] if n["state"] == "alive"}
-                states = {m["name"]: m["state"] for m in view["models"]}
-                if {"near", "far"} <= alive and states.get(GEMMA) == "ready":
-                    break
-            exited = [f"{p.args[3]}: {p.args[7]} exited {p.returncode}" for p in popens if p.poll() is not None]
-            if exited or time.monotonic() > deadline:
-                pytest.fail(f"not both nodes alive and {GEMMA} ready (exited: {exited}); last view: "
-                            f"{json.dumps(view)[:3000]}\n{_logs(up_log, join_log)}")
-            time.sleep(1)
+        view, why = wait_for_fleet(hosts.first, url, {"near", "far"}, GEMMA, popens, deadline)
+        if why:
+            pytest.fail(f"{why}; last view: {json.dumps(view)[:3000]}\n{_logs(up_log, join_log)}")
 
         body = {"model": GEMMA, "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 8,
                 "temperature": 0}

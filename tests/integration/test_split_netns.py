@@ -36,7 +36,7 @@ from tests.integration.test_split_across_machines import (
     SLOW_RAM,
     unsplit_greedy,
 )
-from tests.netns import VethHosts, in_namespace, ip, namespace_env, start_in, stop_all, wait_for_gateway
+from tests.netns import VethHosts, in_namespace, ip, namespace_env, start_in, stop_all, wait_for_fleet, wait_for_gateway
 from tests.support import (
     GIB,
     declared_machine,
@@ -144,20 +144,9 @@ def veth_split(tmp_path_factory):
             "--node-ip-address", LAPTOP_IP, "--hardware", laptop), join_log, _env()))
         fleet["join"] = popens[1]
 
-        view: dict = {}
-        while True:
-            answer = in_namespace(hosts.first, "GET", f"{url}/api/cluster")
-            if answer.get("status") == 200:
-                view = json.loads(answer["body"])
-                alive = {n["name"] for n in view["nodes"] if n["state"] == "alive"}
-                states = {m["name"]: m["state"] for m in view["models"]}
-                if {"desktop", "laptop-1"} <= alive and states.get("gemma") == "ready":
-                    break
-            exited = [f"{p.args[7]} exited {p.returncode}" for p in popens if p.poll() is not None]
-            if exited or time.monotonic() > deadline:
-                pytest.fail(f"not both nodes alive and gemma ready (exited: {exited}); last view: "
-                            f"{json.dumps(view)[:3000]}\n{_logs(fleet)}")
-            time.sleep(1)
+        view, why = wait_for_fleet(hosts.first, url, {"desktop", "laptop-1"}, "gemma", popens, deadline)
+        if why:
+            pytest.fail(f"{why}; last view: {json.dumps(view)[:3000]}\n{_logs(fleet)}")
         fleet["view"] = view
         yield fleet
     finally:
