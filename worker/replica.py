@@ -63,6 +63,11 @@ class ModelReplicaImpl:
                         raise FileNotFoundError(f"model file not found on {socket.gethostname()}: {self.settings.path}")
                     self.engine = Engine(self.settings, on_load_progress=self._loading)
                     self.state = "ready"
+                    # Ray's modules and the model's metadata are here for good: keep them out of
+                    # the collector's full passes (~50 ms each, holding the GIL the decode
+                    # thread needs between rounds).
+                    gc.collect()
+                    gc.freeze()
                 except Exception as exc:  # the engine's errors are many; the reason is what matters
                     self.state = "failed"
                     self.reason = _load_failure_reason(self.settings.path, exc)

@@ -5,9 +5,18 @@ The chain is the one llama-cpp-python's `Llama` builds for the single-sequence p
 the batched engine: penalties over the last 64 generated tokens, the grammar, then greedy
 (temperature 0), or top-k, top-p, min-p, temperature and a `dist` sampler seeded for this
 request alone (a seeded request gives the same tokens whatever else runs beside it).
+
+Greedy with neutral penalties and no grammar picks the highest logit: numpy's argmax over
+the row (the first maximum, as llama.cpp's greedy sampler) in ~0.05 ms, where the chain
+first copies the whole vocabulary into a candidate array (~0.25 ms for Gemma's 262k
+tokens, 4% of an 8-stream round on 2 cores). The chain still accepts the token.
 """
 
 from __future__ import annotations
+
+import ctypes
+
+import numpy as np
 
 from worker.generation import SamplingParams
 
@@ -24,6 +33,10 @@ class SamplerChain:
         import llama_cpp
 
         self._llama_cpp = llama_cpp
+        self.n_vocab = n_vocab
+        neutral_penalties = (params.repeat_penalty == 1.0 and not params.frequency_penalty
+                             and not params.presence_penalty)
+        self.argmax_only = params.temperature == 0 and not grammar_gbnf and neutral_penalties
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
         self.chain = chain
 
@@ -52,7 +65,16 @@ class SamplerChain:
 
     def sample(self, ctx, batch_index: int) -> int:
         """Sample from the logits of batch position `batch_index`, and accept the token."""
-        return int(self._llama_cpp.llama_sampler_sample(self.chain, ctx, batch_index))
+        llama_cpp = self._llama_cpp
+        if not self.argmax_only:
+            return int(llama_cpp.llama_sampler_sample(self.chain, ctx, batch_index))
+        row = llama_cpp.llama_get_logits_ith(ctx, batch_index)
+        if not row:
+            raise RuntimeError(f"llama.cpp has no logits for batch position {batch_index}")
+        logits = np.ctypeslib.as_array(ctypes.cast(row, ctypes.POINTER(ctypes.c_float)), shape=(self.n_vocab,))
+        token = int(np.argmax(logits))
+        llama_cpp.llama_sampler_accept(self.chain, token)
+        return token
 
     def close(self) -> None:
         if self.chain is not None:

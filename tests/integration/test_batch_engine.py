@@ -20,6 +20,7 @@ from worker.batch_engine import BatchedEngine
 from worker.chat_format import choose_formatter
 from worker.chat_template import tokenize_prompt
 from worker.generation import GenerationCancelled, SamplingParams, generate
+from worker.sampler_chain import SamplerChain
 
 pytestmark = pytest.mark.integration
 
@@ -100,6 +101,24 @@ def test_a_full_round_departs_from_solo_runs_only_where_the_two_best_tokens_near
             solo_top = {token: logprob for token, logprob, _ in solo_lps[fork].top}
             assert solo_top.get(batch_lps[fork].token, -math.inf) > solo_lps[fork].logprob - 0.75, \
                 (prompt, fork, batch_lps[fork].token, solo_lps[fork].top)
+
+
+def test_greedy_takes_the_argmax_shortcut_only_where_it_picks_what_llama_cpps_chain_picks(llama):
+    vocab, n_vocab = llama._model.vocab, llama.n_vocab()
+    fast, full = SamplerChain(vocab, n_vocab, GREEDY), SamplerChain(vocab, n_vocab, GREEDY)
+    full.argmax_only = False  # llama.cpp's own chain: penalties, then its greedy sampler
+    assert fast.argmax_only
+    picked = []
+    for prompt in PROMPTS:
+        llama.reset()
+        llama.eval(tokens(llama, prompt))
+        token = fast.sample(llama._ctx.ctx, -1)
+        assert token == full.sample(llama._ctx.ctx, -1)
+        picked.append(token)
+    assert len(set(picked)) > 1  # four prompts, not one constant answer
+    for params, grammar in ((SEEDED, None), (PENALISED, None), (replace(GREEDY, repeat_penalty=1.1), None),
+                            (GREEDY, OK_GRAMMAR)):
+        assert not SamplerChain(vocab, n_vocab, params, grammar).argmax_only
 
 
 def test_logprobs_are_per_sequence_and_match_the_single_sequence_path(engine, llama):
