@@ -73,10 +73,13 @@ def default_threads() -> int:
 
 
 class Engine:
-    def __init__(self, settings: EngineSettings, on_load_progress=None) -> None:
+    def __init__(self, settings: EngineSettings, on_load_progress=None, pieces_every_s: float = 0.0) -> None:
+        """`pieces_every_s`: a stream's pieces reach its reader in bundles at most this often
+        (worker/batch_engine.py), for a reader that forwards them in batches anyway."""
         import llama_cpp
 
         self.settings = settings
+        self.pieces_every_s = pieces_every_s
         started = time.perf_counter()
         self.batch: BatchedEngine | None = None
         if settings.embedding:
@@ -234,7 +237,8 @@ class Engine:
         refuses is the caller's error before any byte is sent."""
         batch = self._generative()
         try:
-            return batch.submit(tokens, params, grammar._grammar if grammar is not None else None, should_stop)
+            return batch.submit(tokens, params, grammar._grammar if grammar is not None else None, should_stop,
+                                self.pieces_every_s)
         except GrammarError as exc:
             raise RequestError(f"the grammar for {grammar_param} does not parse: {exc}", param=grammar_param,
                                code="invalid_json_schema") from None

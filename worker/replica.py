@@ -61,7 +61,9 @@ class ModelReplicaImpl:
                 try:
                     if not os.path.isfile(self.settings.path):
                         raise FileNotFoundError(f"model file not found on {socket.gethostname()}: {self.settings.path}")
-                    self.engine = Engine(self.settings, on_load_progress=self._loading)
+                    # Streams are sent in batches (_flush_interval): no need to wake for every token.
+                    self.engine = Engine(self.settings, on_load_progress=self._loading,
+                                         pieces_every_s=MIN_FLUSH_INTERVAL_S)
                     self.state = "ready"
                     # Ray's modules and the model's metadata are here for good: keep them out of
                     # the collector's full passes (~50 ms each, holding the GIL the decode

@@ -121,6 +121,21 @@ def test_greedy_takes_the_argmax_shortcut_only_where_it_picks_what_llama_cpps_ch
         assert not SamplerChain(vocab, n_vocab, params, grammar).argmax_only
 
 
+def test_pieces_can_reach_the_reader_in_bundles_the_first_at_once(engine, llama):
+    prompt = tokens(llama, PROMPTS[1])
+    per_round, _ = solo(engine, prompt, GREEDY)
+    engine.clear_cache()
+    handle = engine.submit(prompt, GREEDY, pieces_every_s=3600.0)
+    pieces, ended_before = [], []
+    for piece in handle:
+        ended_before.append(handle.finished_step >= 0)
+        pieces.append(piece.text)
+    assert "".join(pieces) == per_round
+    assert len(pieces) > 2
+    # the first piece alone, at once; the rest held back until the end (one bundle an hour)
+    assert ended_before[0] is False and all(ended_before[1:])
+
+
 def test_logprobs_are_per_sequence_and_match_the_single_sequence_path(engine, llama):
     params = SamplingParams(max_tokens=16, temperature=0, logprobs=3)
     llama.reset()  # the single path reuses its own prompt cache otherwise
