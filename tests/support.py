@@ -4,6 +4,7 @@ stopped by PID, waiting for models to be ready."""
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -21,8 +22,36 @@ TEST_RAY_TOKEN = "homefleet-test-token-0123456789abcdef"
 LOOPBACK_NODE_IP = "127.0.0.2"
 
 
+# Ports for the servers tests start: above Ray's worker ports (10002-19999) and below the
+# kernel's ephemeral range, from which the OS gives every client socket and every port Ray
+# picks at random. A port the OS handed out (bind to 0) could be taken by one of Ray's
+# processes before the server binds it (seen: a gateway's port taken while Ray started).
+TEST_PORTS = range(20000, 32768)
+_given: set[int] = set()
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    with socket.socket() as s:
+    """A port free on every address now, never handed out before in this process."""
+    candidates = range(TEST_PORTS.start, min(TEST_PORTS.stop, _ephemeral_low()))
+    for _ in range(500 if len(candidates) > 1000 else 0):
+        port = random.choice(candidates)
+        if port in _given:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("", port))
+            except OSError:
+                continue
+        _given.add(port)
+        return port
+    with socket.socket() as s:  # no room below the ephemeral range here: let the OS choose
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
