@@ -40,17 +40,17 @@ def _ephemeral_low() -> int:
 def free_port() -> int:
     """A port free on every address now, never handed out before in this process."""
     candidates = range(TEST_PORTS.start, min(TEST_PORTS.stop, _ephemeral_low()))
-    for _ in range(500 if len(candidates) > 1000 else 0):
-        port = random.choice(candidates)
-        if port in _given:
-            continue
-        with socket.socket() as s:
-            try:
-                s.bind(("", port))
-            except OSError:
+    if len(candidates) > 1000:
+        for port in random.sample(candidates, 500):
+            if port in _given:
                 continue
-        _given.add(port)
-        return port
+            with socket.socket() as s:
+                try:
+                    s.bind(("", port))
+                except OSError:
+                    continue
+            _given.add(port)
+            return port
     with socket.socket() as s:  # no room below the ephemeral range here: let the OS choose
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

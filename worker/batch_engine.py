@@ -206,7 +206,6 @@ class BatchedEngine:
         self._queue: deque[tuple[SequenceHandle, SamplerChain]] = deque()
         self._chores: list = []  # callables the decode thread runs between rounds
         self._outbox: list[tuple[SequenceHandle, str, object]] = []  # events not yet handed to their callers
-        self._holding: set[SequenceHandle] = set()  # handles with pieces held back (pieces_every_s)
         self._admitted = 0
         self._use = 0
         self._cond = threading.Condition()
@@ -337,26 +336,24 @@ class BatchedEngine:
         then waited for, for the GIL (8 streams in a Ray actor: sampling took twice as long).
         A handle's pieces go in bundles at most every `pieces_every_s`; the end at once."""
         outbox, self._outbox = self._outbox, []
-        if not outbox and not self._holding:
-            return
         now = time.monotonic()
         for handle, kind, value in outbox:
             if kind == "piece":
                 handle._held.append(value)
-                self._holding.add(handle)
             else:
                 self._hand_over(handle, now)
                 handle._events.put((kind, value))
                 handle._done.set()
-        for handle in list(self._holding):
-            if handle._handed_at is None or now - handle._handed_at >= handle.pieces_every_s:
+        for slot in self.slots:  # an ended request handed its pieces over with its end
+            handle = slot.seq.handle if slot.seq is not None else None
+            if handle is not None and (handle._handed_at is None or now - handle._handed_at >= handle.pieces_every_s):
                 self._hand_over(handle, now)
 
-    def _hand_over(self, handle: SequenceHandle, now: float) -> None:
+    @staticmethod
+    def _hand_over(handle: SequenceHandle, now: float) -> None:
         if handle._held:
             handle._events.put(("pieces", handle._held))
             handle._held, handle._handed_at = [], now
-        self._holding.discard(handle)
 
     def _drop_stopped(self) -> None:
         """Ask every running and waiting request whether to go on (once per step)."""
