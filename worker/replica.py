@@ -21,8 +21,9 @@ from typing import Iterator
 import ray
 
 from orchestrator.core.estimate import GC_EVERY_REQUESTS  # the estimate allows for what this leaves
-from worker.engine import Engine, EngineSettings, GenerationCancelled
+from worker.engine import Engine, EngineSettings, GenerationCancelled, default_threads
 from worker.errors import RequestError
+from worker.thread_binding import bind_threads_if_whole_machine
 
 SSE_DONE = b"data: [DONE]\n\n"
 FLUSH_INTERVAL_S = 0.05  # per decoding stream: more streams flush less often (_flush_interval)
@@ -50,6 +51,7 @@ class ModelReplicaImpl:
         # as add and discard are atomic under the GIL where `n += 1` is not.
         self.in_progress: set[object] = set()
         self.generation_limit_s = float(limits.get("generation_limit_s", 600.0)) if limits else 600.0
+        self.threads_bound = False  # llama.cpp's threads one to a core (worker/thread_binding.py)
 
     # ---- lifecycle -------------------------------------------------------------------
     def load(self) -> dict:
@@ -61,6 +63,7 @@ class ModelReplicaImpl:
                 try:
                     if not os.path.isfile(self.settings.path):
                         raise FileNotFoundError(f"model file not found on {socket.gethostname()}: {self.settings.path}")
+                    self.threads_bound = bind_threads_if_whole_machine(self.settings.n_threads or default_threads())
                     # Streams are sent in batches (_flush_interval): no need to wake for every token.
                     self.engine = Engine(self.settings, on_load_progress=self._loading,
                                          pieces_every_s=MIN_FLUSH_INTERVAL_S)
@@ -87,6 +90,7 @@ class ModelReplicaImpl:
             "served": self.served,
             "requests_in_progress": len(self.in_progress),
             "load_progress": self.load_progress,
+            "threads_bound": self.threads_bound,
         }
         if self.engine is not None:
             out.update(self.engine.describe())

@@ -15,6 +15,9 @@ commit. Prints JSON, with a `summary` block that evaluates issue 10's goals.
   tokens per event (worker/replica.py FLUSH_INTERVAL_S).
 - "llama_server": `llama-server -np 8` built by ../shared/bench/build-llama-server.sh
   (without a --server path the script builds or reuses it under $LLAMA_SERVER_BUILD).
+- "llama_server_bound": the same with OMP_PROC_BIND=true, its threads bound one to a core
+  as homefleet's replica binds them where they use every core (worker/thread_binding.py):
+  a reference, not a goal, for how much of a lead is that setting's.
 - "batched": worker/batch_engine.py, one context with 8 slots (issue 10), flash attention
   "auto" as llama-server has it, in a process of its own without Ray or HTTP: a secondary
   reference, what the product costs above its engine.
@@ -85,7 +88,8 @@ CHAT_TURNS = ["Hi! I want to plan a garden. What should I think about first?", "
               "And how often should I water them?", "What about herbs next to them?",
               "Which herbs keep pests away?", "Can I grow them in pots instead?",
               "How big should the pots be?", "Thanks! Summarise the plan in three lines."]
-ENGINES = ("homefleet", "llama_server", "batched", "today", "today_flash_attn", "homefleet_before")
+ENGINES = ("homefleet", "llama_server", "llama_server_bound", "batched", "today", "today_flash_attn",
+           "homefleet_before")
 MODEL_NAME = "bench-model"  # the model's name in homefleet's config
 
 
@@ -205,8 +209,10 @@ def http_wave(n: int, request) -> Wave:
     """N streamed HTTP requests released at once. `request(client, i)` sends request i and
     yields (whether an event carried answer text, the answer's token count or None)."""
     wave = Wave(ttft_s=[float("nan")] * n, tokens=[0] * n)
-    start = threading.Barrier(n + 1, timeout=120)
     t0_box: list[float] = []
+    # The clock starts when the barrier lets the requests go, not before the clients are
+    # built: each httpx.Client loads the CA bundle (~25 ms of CPU), which is not the server's time.
+    start = threading.Barrier(n + 1, action=lambda: t0_box.append(time.perf_counter()), timeout=120)
     errors: list[BaseException] = []
 
     def one(i: int) -> None:
@@ -224,7 +230,6 @@ def http_wave(n: int, request) -> Wave:
     threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
     for t in threads:
         t.start()
-    t0_box.append(time.perf_counter())
     start.wait()
     for t in threads:
         t.join()
@@ -287,7 +292,8 @@ def wave_homefleet(homefleet: Homefleet, prompts: Prompts, max_tokens: int) -> W
 
 
 class LlamaServer:
-    def __init__(self, binary: str, model: str, ctx_per_slot: int, slots: int, threads: int, n_batch: int) -> None:
+    def __init__(self, binary: str, model: str, ctx_per_slot: int, slots: int, threads: int, n_batch: int,
+                 env_updates: dict[str, str] | None = None, name: str = "llama_server") -> None:
         from tests.support import free_port
 
         self.port = free_port()
@@ -297,7 +303,8 @@ class LlamaServer:
             [binary, "-m", model, "-c", str(ctx_per_slot * slots), "-np", str(slots), "-t", str(threads),
              "-tb", str(threads), "-b", str(n_batch), "-ub", str(n_batch), "--host", "127.0.0.1",
              "--port", str(self.port), "--no-webui"],
-            stdout=self.log, stderr=subprocess.STDOUT)
+            stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env_updates or {})})
+        self.name = name
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             try:
@@ -318,7 +325,7 @@ class LlamaServer:
                 "flash_attn": "auto (llama-server's default; on for this CPU build)"} if m else {}
 
     def pids(self) -> dict[int, str]:
-        return {self.proc.pid: "llama_server"}
+        return {self.proc.pid: self.name}
 
     def close(self) -> None:
         self.proc.terminate()
@@ -606,7 +613,7 @@ def run_speed(args) -> dict:
     vocab, formatter = _formatter(args.model, args.chat_format)
     homefleet: Homefleet | None = None
     before: Homefleet | None = None  # homefleet_before's `homefleet up`, while its waves run
-    server = None
+    server = server_bound = None
     engines: dict[str, EngineProcess] = {}
     started = time.perf_counter()
     results: dict[str, dict[int, list[Wave]]] = {name: {} for name in ENGINES}
@@ -619,8 +626,9 @@ def run_speed(args) -> dict:
     def own_pids() -> dict[int, str]:
         out = {os.getpid(): "bench_client"}
         out.update({e.proc.pid: f"{name}_process" for name, e in engines.items()})
-        if server:
-            out.update(server.pids())
+        for s in (server, server_bound):
+            if s:
+                out.update(s.pids())
         for running in (homefleet, before):
             if running:
                 out.update(running.pids())
@@ -665,14 +673,20 @@ def run_speed(args) -> dict:
             if not args.server:
                 raise SystemExit("llama_server needs --server (or no --no-server)")
             server = LlamaServer(args.server, args.model, args.ctx_per_slot, args.slots, args.threads, args.n_batch)
+        if "llama_server_bound" in wanted:  # a reference: llama-server with its threads bound as homefleet's are
+            if not args.server:
+                raise SystemExit("llama_server_bound needs --server (or no --no-server)")
+            server_bound = LlamaServer(args.server, args.model, args.ctx_per_slot, args.slots, args.threads,
+                                       args.n_batch, {"OMP_PROC_BIND": "true"}, "llama_server_bound")
         if "batched" in wanted:
             engines["batched"] = EngineProcess("batched", args, args.flash_attn)
         if "today" in wanted:
             engines["today"] = EngineProcess("today", args, "off")
         if "today_flash_attn" in wanted:
             engines["today_flash_attn"] = EngineProcess("today", args, "on")
-        if server:
-            wave_server(server.url, warm, 8)
+        for s in (server, server_bound):
+            if s:
+                wave_server(s.url, warm, 8)
         for engine in engines.values():
             engine.wave(warm.tokens, 8)
         for rep in range(args.repeats):
@@ -705,6 +719,8 @@ def run_speed(args) -> dict:
                     runs["homefleet"] = lambda: wave_homefleet(homefleet, prompts, args.max_tokens)
                 if server:
                     runs["llama_server"] = lambda: wave_server(server.url, prompts, args.max_tokens)
+                if server_bound:
+                    runs["llama_server_bound"] = lambda: wave_server(server_bound.url, prompts, args.max_tokens)
                 for name, e in engines.items():
                     if {"batched": True, "today": n in today_streams, "today_flash_attn": n == 1}[name]:
                         runs[name] = lambda e=e: e.wave(prompts.tokens, args.max_tokens)
@@ -720,8 +736,9 @@ def run_speed(args) -> dict:
         server_settings = server.settings() if server else None
     finally:
         stop_homefleet()
-        if server:
-            server.close()
+        for s in (server, server_bound):
+            if s:
+                s.close()
         for engine in engines.values():
             engine.close()
     if homefleet_facts is not None:
@@ -746,6 +763,9 @@ def goals(table: dict, chat: dict, streams: list[int], engine: str) -> dict:
     for n in (4, 8):
         if str(n) in b and str(n) in s:
             out[f"aggregate_{n}_vs_server"] = round(b[str(n)]["aggregate_tok_s"] / s[str(n)]["aggregate_tok_s"], 3)
+    bound = table.get("llama_server_bound", {})
+    out["for_reference_aggregate_vs_server_with_bound_threads"] = {  # not a goal: llama-server as homefleet runs it
+        n: round(b[n]["aggregate_tok_s"] / bound[n]["aggregate_tok_s"], 3) for n in b if n in bound} or None
     for n in streams:
         if str(n) in b and str(n) in s:
             out[f"ttft_median_{n}_vs_server"] = round(b[str(n)]["ttft_median_s"] / s[str(n)]["ttft_median_s"], 3)

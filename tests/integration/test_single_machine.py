@@ -5,16 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import time
 
 import httpx
 import openai
+import psutil
 import pytest
 
 from orchestrator.core.model_shape import shape_from_gguf
 from orchestrator.fit import CPU_DECODE_EFFICIENCY, GPU_DECODE_EFFICIENCY
 from tests.support import homefleet_command, homefleet_up, child_env, write_config
+from worker.engine import default_threads
 
 pytestmark = pytest.mark.integration
 
@@ -326,6 +329,39 @@ def test_replica_measures_its_decode_speed_and_the_node_is_calibrated_by_it(serv
         assert replica["gpu_layers"] == replica["total_layers"] and gpu["memory_bandwidth_gbps"]
         predicted = gpu["memory_bandwidth_gbps"] * 1e9 * GPU_DECODE_EFFICIENCY / bytes_per_token
         assert node["speed_factor"] == pytest.approx(measured / predicted, rel=0.01, abs=1e-3)
+
+
+def _cpus_of_threads(pid: int) -> list[set[int]]:
+    """Each thread's affinity mask (Cpus_allowed_list) in process `pid`."""
+    masks = []
+    for task in psutil.Process(pid).threads():
+        try:
+            with open(f"/proc/{pid}/task/{task.id}/status") as f:
+                listed = next(line for line in f if line.startswith("Cpus_allowed_list:")).split(":")[1].strip()
+        except (OSError, StopIteration):
+            continue
+        cpus: set[int] = set()
+        for part in listed.split(","):
+            low, _, high = part.partition("-")
+            cpus.update(range(int(low), int(high or low) + 1))
+        masks.append(cpus)
+    return masks
+
+
+def test_llama_cpp_threads_are_bound_one_to_a_core_when_they_use_every_core(server, client):
+    """worker/thread_binding.py: a replica whose threads cover every usable core binds them one
+    to a core; with fewer threads than cores none is bound."""
+    client.chat.completions.create(model=GEMMA, messages=[{"role": "user", "content": "Hi."}], max_tokens=4)
+    usable = os.sched_getaffinity(0)
+    replicas = [p for p in psutil.Process(server.popen.pid).children(recursive=True)
+                if "ModelReplica" in " ".join(p.cmdline())]
+    assert replicas
+    single = [[next(iter(m)) for m in _cpus_of_threads(p.pid) if len(m) == 1] for p in replicas]
+    if default_threads() >= len(usable) > 1:
+        # The chat replica has decoded: its decode thread and OpenMP's others, one per core.
+        assert any(set(cpus) == usable for cpus in single), single
+    else:
+        assert not any(single), single
 
 
 def test_fit_measures_this_machine_with_a_short_run(gemma_path):
