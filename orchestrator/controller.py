@@ -27,7 +27,7 @@ from orchestrator.core.placement import (
 from orchestrator.core.routing import reconciled_in_flight
 from orchestrator.core.store_types import StoreReport, TransferProgress
 from orchestrator.demand import demands_for
-from orchestrator.copy_flow import CopyFlow, transfer_text
+from orchestrator.copy_flow import TRANSFER_POLL_S, CopyFlow, transfer_text
 from orchestrator.file_keeper import FileKeeper
 from orchestrator.cluster_protocol import Cluster
 from orchestrator.drain import Drain
@@ -135,6 +135,7 @@ class Controller(CopyFlow, Residency, Drain, ReplicaFaults, Rebalance, WakeOnLan
         self._waited_for_nodes = False
         self.files = FileKeeper(config, cluster, self.nodes)
         self.copy_waits: dict[str, str] = {}  # model -> why its copy cannot start yet
+        self.transfer_poll_s = TRANSFER_POLL_S
         self.config_path: str | None = None  # the file `up` read; `reload` reads it again
         self._init_residency()
         self._init_faults()

@@ -8,6 +8,7 @@ replica table, and the decisions are FileKeeper's and the pure core's.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import Counter
@@ -53,6 +54,23 @@ class CopyFlow:
                         "error": f"the agent on {record.node_name} did not start the copy: {type(exc).__name__}"}
         if self.replicas.get((record.model, record.index)) is record:
             self._apply_transfer(record, TransferProgress.model_validate(progress))
+        await self._watch_transfer(record, node)
+
+    async def _watch_transfer(self, record: ReplicaRecord, node: NodeRecord) -> None:
+        """Between the node's reports, ask it how the copy goes: the replica starts loading
+        as soon as the file is verified, not at the next report (`report_interval_s` later),
+        and the `copied` event's seconds are the copy's own. The reports still count."""
+        key = (record.model, record.index)
+        while True:
+            await asyncio.sleep(self.transfer_poll_s)
+            if self.replicas.get(key) is not record or not record.fetching or not node.alive or node.agent is None:
+                return
+            try:
+                progress = await self.cluster.transfer(node.agent, record.transfer.transfer_id)
+            except Exception:  # a slow or restarting agent: its reports carry the copy on
+                continue
+            if progress is not None and self.replicas.get(key) is record and record.fetching:
+                self._apply_transfer(record, TransferProgress.model_validate(progress))
 
     def _follow_transfers(self) -> None:
         """Copies in flight: progress from the target's report; when done, load the replica."""
@@ -114,6 +132,7 @@ class CopyFlow:
 
 
 TRANSFER_LOST_S = 60.0  # a copy its node no longer reports (its agent restarted) is placed again
+TRANSFER_POLL_S = 0.5  # how often a copy in flight is asked after, between the node's reports
 
 
 def transfer_text(record: ReplicaRecord) -> str:

@@ -349,6 +349,33 @@ def test_node_placement_picks_without_the_file_gets_a_verified_copy_then_loads_i
     assert controller.model_state("r1")[0] == "ready"
 
 
+def test_a_copy_that_finishes_between_reports_loads_at_once():
+    """The controller asks the node after its copy (copy_flow._watch_transfer): the replica
+    starts when the file is verified, with no tick and so no report in between."""
+    cluster = only_the_desktop_holds("deepseek-r1-distill-qwen-7b.gguf")
+    controller = Controller(config([{"name": "r1", "path": "deepseek-r1-distill-qwen-7b.gguf"}]), cluster)
+    controller.transfer_poll_s = 0.01
+
+    async def scenario():
+        for _ in range(3):
+            await controller.tick()
+            await asyncio.sleep(0)
+        (transfer_id,) = cluster.transfers
+        assert controller.model_state("r1")[0] == "copying" and not cluster.started
+        ticks = controller.ticks
+        cluster.finish(transfer_id)
+        for _ in range(200):
+            await asyncio.sleep(0.01)
+            if cluster.started:
+                break
+        assert controller.ticks == ticks  # no report came meanwhile
+        assert [rid for _, rid, _ in cluster.started] == ["r1#0"]
+        assert [e["kind"] for e in controller.events if e["kind"] == "copied"] == ["copied"]
+        await controller.stop()
+
+    asyncio.run(scenario())
+
+
 def test_copy_waits_until_the_holder_has_hashed_its_file():
     cluster = FakeCluster(LAB, holds={"desktop": {"r1.gguf"}}, unhashed={"r1.gguf"})
     cluster_models = [{"name": "r1", "path": "r1.gguf", "catalog": "deepseek-r1-distill-qwen-7b"}]
