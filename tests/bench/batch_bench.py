@@ -91,6 +91,8 @@ CHAT_TURNS = ["Hi! I want to plan a garden. What should I think about first?", "
 ENGINES = ("homefleet", "llama_server", "llama_server_bound", "batched", "today", "today_flash_attn",
            "homefleet_before")
 MODEL_NAME = "bench-model"  # the model's name in homefleet's config
+# llama-server's runs and their environments; the bound one is a reference, not a goal
+SERVER_ENV = {"llama_server": {}, "llama_server_bound": {"OMP_PROC_BIND": "true"}}
 
 
 @dataclass
@@ -613,7 +615,7 @@ def run_speed(args) -> dict:
     vocab, formatter = _formatter(args.model, args.chat_format)
     homefleet: Homefleet | None = None
     before: Homefleet | None = None  # homefleet_before's `homefleet up`, while its waves run
-    server = server_bound = None
+    servers: dict[str, LlamaServer] = {}  # by engine name (SERVER_ENV)
     engines: dict[str, EngineProcess] = {}
     started = time.perf_counter()
     results: dict[str, dict[int, list[Wave]]] = {name: {} for name in ENGINES}
@@ -626,9 +628,8 @@ def run_speed(args) -> dict:
     def own_pids() -> dict[int, str]:
         out = {os.getpid(): "bench_client"}
         out.update({e.proc.pid: f"{name}_process" for name, e in engines.items()})
-        for s in (server, server_bound):
-            if s:
-                out.update(s.pids())
+        for s in servers.values():
+            out.update(s.pids())
         for running in (homefleet, before):
             if running:
                 out.update(running.pids())
@@ -669,24 +670,20 @@ def run_speed(args) -> dict:
     try:
         if "homefleet" in wanted and args.homefleet_beside:
             homefleet = start_homefleet()
-        if "llama_server" in wanted:
-            if not args.server:
-                raise SystemExit("llama_server needs --server (or no --no-server)")
-            server = LlamaServer(args.server, args.model, args.ctx_per_slot, args.slots, args.threads, args.n_batch)
-        if "llama_server_bound" in wanted:  # a reference: llama-server with its threads bound as homefleet's are
-            if not args.server:
-                raise SystemExit("llama_server_bound needs --server (or no --no-server)")
-            server_bound = LlamaServer(args.server, args.model, args.ctx_per_slot, args.slots, args.threads,
-                                       args.n_batch, {"OMP_PROC_BIND": "true"}, "llama_server_bound")
+        for name, env in SERVER_ENV.items():
+            if name in wanted:
+                if not args.server:
+                    raise SystemExit(f"{name} needs --server (or no --no-server)")
+                servers[name] = LlamaServer(args.server, args.model, args.ctx_per_slot, args.slots, args.threads,
+                                            args.n_batch, env, name)
         if "batched" in wanted:
             engines["batched"] = EngineProcess("batched", args, args.flash_attn)
         if "today" in wanted:
             engines["today"] = EngineProcess("today", args, "off")
         if "today_flash_attn" in wanted:
             engines["today_flash_attn"] = EngineProcess("today", args, "on")
-        for s in (server, server_bound):
-            if s:
-                wave_server(s.url, warm, 8)
+        for s in servers.values():
+            wave_server(s.url, warm, 8)
         for engine in engines.values():
             engine.wave(warm.tokens, 8)
         for rep in range(args.repeats):
@@ -717,10 +714,8 @@ def run_speed(args) -> dict:
                 runs = {}
                 if homefleet:
                     runs["homefleet"] = lambda: wave_homefleet(homefleet, prompts, args.max_tokens)
-                if server:
-                    runs["llama_server"] = lambda: wave_server(server.url, prompts, args.max_tokens)
-                if server_bound:
-                    runs["llama_server_bound"] = lambda: wave_server(server_bound.url, prompts, args.max_tokens)
+                for name, s in servers.items():
+                    runs[name] = lambda s=s: wave_server(s.url, prompts, args.max_tokens)
                 for name, e in engines.items():
                     if {"batched": True, "today": n in today_streams, "today_flash_attn": n == 1}[name]:
                         runs[name] = lambda e=e: e.wave(prompts.tokens, args.max_tokens)
@@ -729,6 +724,7 @@ def run_speed(args) -> dict:
             report(rep, ENGINES)
         if homefleet:
             chat["homefleet"] = chat_homefleet(homefleet.url, CHAT_TURNS, args.chat_tokens)
+        server = servers.get("llama_server")
         if server:
             chat["llama_server"] = chat_server(server.url, CHAT_TURNS, args.chat_tokens, vocab, formatter)
         if "batched" in engines:
@@ -736,9 +732,8 @@ def run_speed(args) -> dict:
         server_settings = server.settings() if server else None
     finally:
         stop_homefleet()
-        for s in (server, server_bound):
-            if s:
-                s.close()
+        for s in servers.values():
+            s.close()
         for engine in engines.values():
             engine.close()
     if homefleet_facts is not None:
