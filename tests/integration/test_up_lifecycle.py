@@ -45,7 +45,10 @@ def test_up_without_config_serves_the_demo_model_and_ctrl_c_leaves_no_ray_proces
                                  capture_output=True, text=True, timeout=60)
         assert printed.stdout.strip() == TEST_RAY_TOKEN
         started = running.descendants()
-        assert any("raylet" in " ".join(p.cmdline()) for p in started if p.is_running())
+        commands = [" ".join(p.cmdline()) for p in started if p.is_running()]
+        assert any("raylet" in c for c in commands)
+        # No Ray log monitor: it would pass worker logs to drivers, and homefleet's take none.
+        assert not any("log_monitor" in c for c in commands), commands
         assert running.interrupt() == 0
         time.sleep(1)
         left = [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
