@@ -45,6 +45,7 @@ from typing import Iterator
 import numpy as np
 
 from orchestrator.core.slots import MIN_REUSE_TOKENS, SlotSnapshot, choose_slot
+from worker.cpu_share import CpuBoard, shared_threads
 from worker.generation import GenerationCancelled, Outcome, Piece, SamplingParams, StopCheck, _TextAssembler
 from worker.generation import TokenPieces, token_logprob
 from worker.sampler_chain import SamplerChain
@@ -149,7 +150,8 @@ class BatchedEngine:
                  flash_attn: bool | None = None, type_k: int | None = None, type_v: int | None = None,
                  swa_full: bool = False, min_cache_reuse: int = MIN_REUSE_TOKENS, n_gpu_layers: int = 0,
                  gpu: int | None = None, verbose: bool = False, on_load_progress=None,
-                 rpc_servers: tuple[str, ...] = (), rpc_layers: tuple[int, ...] = (), cpu_repack: bool = True) -> None:
+                 rpc_servers: tuple[str, ...] = (), rpc_layers: tuple[int, ...] = (), cpu_repack: bool = True,
+                 cpu_share: CpuBoard | None = None) -> None:
         """`model`: a GGUF path (loaded here) or a llama_cpp.Llama whose weights are shared
         (its own context stays as it is). `gpu`: the one GPU (index) a loaded model's
         offloaded layers go to; None lets llama.cpp spread them over all GPUs.
@@ -160,7 +162,9 @@ class BatchedEngine:
         weights as they are in the file (no repacked kernels; an RPC server's CPU device never
         repacks): the same CPU arithmetic on both sides of a split, for a like-for-like check.
         `flash_attn` None is llama.cpp's "auto" (on where the backend supports it, as
-        llama-server does; 4-8% more tokens/s at 8 streams on this CPU)."""
+        llama-server does; 4-8% more tokens/s at 8 streams on this CPU). `cpu_share`: the
+        machine's table of decoding replicas (worker/cpu_share.py); while others decode too,
+        a model that computes on the CPU takes its share of the threads."""
         import llama_cpp
 
         from worker.engine import default_threads
@@ -183,6 +187,12 @@ class BatchedEngine:
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.model.vocab)
         self.n_swa = int(llama_cpp.llama_model_n_swa(self.model.model))
         threads = n_threads or default_threads()
+        self.threads = (threads, n_threads_batch or threads)  # its own (decode, prompt) threads
+        self.threads_now = self.threads
+        self.rounds_by_threads: dict[int, int] = {}  # decode threads -> rounds run with that many
+        computes_on_cpu = (n_gpu_layers <= llama_cpp.llama_model_n_layer(self.model.model)
+                           or not llama_cpp.llama_supports_gpu_offload())
+        self._cpu_share = cpu_share if computes_on_cpu else None
         params = context_params(n_ctx_per_slot, n_slots, n_batch, n_ubatch=n_ubatch, n_threads=threads,
                                 n_threads_batch=n_threads_batch, kv_unified=kv_unified, flash_attn=flash_attn,
                                 type_k=type_k, type_v=type_v, swa_full=swa_full)
@@ -253,6 +263,7 @@ class BatchedEngine:
     def describe(self) -> dict:
         return {"n_slots": self.n_slots, "n_ctx_per_slot": self.n_ctx_per_slot, "n_ctx": self.n_ctx,
                 "n_batch": self.n_batch, "prefill_chunk": self.prefill_chunk, "active": self.active,
+                "threads": self.threads[0], "threads_now": self.threads_now[0],
                 "queued": self.queued, "steps": self.step, "slots_cached_tokens": [len(s.tokens) for s in self.slots],
                 **self.stats}
 
@@ -283,6 +294,8 @@ class BatchedEngine:
             self._closing = True
             self._cond.notify()
         self._thread.join()
+        if self._cpu_share is not None:
+            self._cpu_share.idle()
         if self.batch is not None:
             self._llama_cpp.llama_batch_free(self.batch)
             self.batch = None
@@ -306,6 +319,8 @@ class BatchedEngine:
         while True:
             if self.active == 0:  # no decode follows: hand over what the last round produced now
                 self._deliver()
+                if self._cpu_share is not None:
+                    self._cpu_share.idle()
             with self._cond:
                 while not self._closing and not self._queue and not self._chores and self.active == 0:
                     self._cond.wait()
@@ -318,12 +333,24 @@ class BatchedEngine:
                 self._drop_stopped()
                 self._admit()
                 if self.active:
+                    self._share_cores()
                     self._step()
             except Exception as exc:  # a failed step must not leave callers waiting for ever
                 log.exception("batched decode step failed")
                 self._fail_all(exc)
         self._fail_all(RuntimeError("the engine is closed"))
         self._deliver()
+
+    def _share_cores(self) -> None:
+        """Its share of the machine's threads while other replicas decode too, all when alone."""
+        if self._cpu_share is None:
+            return
+        decoding = self._cpu_share.decoding()
+        now = tuple(shared_threads(own, decoding) for own in self.threads)
+        if now != self.threads_now:
+            self._llama_cpp.llama_set_n_threads(self.ctx, *now)
+            self.threads_now = now
+        self.rounds_by_threads[now[0]] = self.rounds_by_threads.get(now[0], 0) + 1
 
     def _emit(self, handle: SequenceHandle, kind: str, value=None) -> None:
         self._outbox.append((handle, kind, value))

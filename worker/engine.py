@@ -73,9 +73,11 @@ def default_threads() -> int:
 
 
 class Engine:
-    def __init__(self, settings: EngineSettings, on_load_progress=None, pieces_every_s: float = 0.0) -> None:
+    def __init__(self, settings: EngineSettings, on_load_progress=None, pieces_every_s: float = 0.0,
+                 cpu_share=None) -> None:
         """`pieces_every_s`: a stream's pieces reach its reader in bundles at most this often
-        (worker/batch_engine.py), for a reader that forwards them in batches anyway."""
+        (worker/batch_engine.py), for a reader that forwards them in batches anyway.
+        `cpu_share`: the machine's table of decoding replicas (worker/cpu_share.py)."""
         import llama_cpp
 
         self.settings = settings
@@ -97,6 +99,7 @@ class Engine:
                 type_k=KV_TYPES[settings.kv_type] if settings.kv_type != "f16" else None,
                 type_v=KV_TYPES[settings.kv_type] if settings.kv_type != "f16" else None,
                 on_load_progress=on_load_progress,
+                cpu_share=cpu_share,
                 **_layer_settings(settings),
             )
         self.load_seconds = time.perf_counter() - started

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import os
 import socket
 import threading
@@ -21,9 +22,12 @@ from typing import Iterator
 import ray
 
 from orchestrator.core.estimate import GC_EVERY_REQUESTS  # the estimate allows for what this leaves
+from worker.cpu_share import CpuBoard, place_offset
 from worker.engine import Engine, EngineSettings, GenerationCancelled, default_threads
 from worker.errors import RequestError
-from worker.thread_binding import bind_threads_if_whole_machine
+from worker.thread_binding import bind_threads_if_whole_machine, usable_cpus
+
+log = logging.getLogger(__name__)
 
 SSE_DONE = b"data: [DONE]\n\n"
 FLUSH_INTERVAL_S = 0.05  # per decoding stream: more streams flush less often (_flush_interval)
@@ -52,6 +56,7 @@ class ModelReplicaImpl:
         self.in_progress: set[object] = set()
         self.generation_limit_s = float(limits.get("generation_limit_s", 600.0)) if limits else 600.0
         self.threads_bound = False  # llama.cpp's threads one to a core (worker/thread_binding.py)
+        self.cpu_board: CpuBoard | None = None  # the machine's decoding replicas (worker/cpu_share.py)
 
     # ---- lifecycle -------------------------------------------------------------------
     def load(self) -> dict:
@@ -63,10 +68,13 @@ class ModelReplicaImpl:
                 try:
                     if not os.path.isfile(self.settings.path):
                         raise FileNotFoundError(f"model file not found on {socket.gethostname()}: {self.settings.path}")
-                    self.threads_bound = bind_threads_if_whole_machine(self.settings.n_threads or default_threads())
+                    self.cpu_board = _claim_cpu_board()
+                    first_core = place_offset(self.cpu_board.index, usable_cpus()) if self.cpu_board else 0
+                    self.threads_bound = bind_threads_if_whole_machine(self.settings.n_threads or default_threads(),
+                                                                       first_core=first_core)
                     # Streams are sent in batches (_flush_interval): no need to wake for every token.
                     self.engine = Engine(self.settings, on_load_progress=self._loading,
-                                         pieces_every_s=MIN_FLUSH_INTERVAL_S)
+                                         pieces_every_s=MIN_FLUSH_INTERVAL_S, cpu_share=self.cpu_board)
                     self.state = "ready"
                     # Ray's modules and the model's metadata are here for good: keep them out of
                     # the collector's full passes (~50 ms each, holding the GIL the decode
@@ -235,6 +243,16 @@ def _sse_events(chunks: Iterator[dict], include_usage: bool) -> Iterator[tuple[b
         choice = chunk["choices"][0] if chunk["choices"] else {}
         text = (choice.get("delta") or {}).get("content") if "delta" in choice else choice.get("text")
         yield sse(chunk), bool(text)
+
+
+def _claim_cpu_board() -> CpuBoard | None:
+    board = CpuBoard()
+    try:
+        board.claim()
+    except (OSError, RuntimeError) as exc:  # no shared memory: decode with every thread, as before
+        log.warning("replicas on this machine will not share its cores: %s", exc)
+        return None
+    return board
 
 
 def _client_left() -> dict:

@@ -257,3 +257,44 @@ def test_a_request_is_refused_at_submit_when_it_cannot_run(engine, llama):
         engine.submit([2] * 1000, replace(GREEDY, max_tokens=100))
     with pytest.raises(ValueError):
         engine.submit([], GREEDY)
+
+
+def test_two_engines_decoding_at_once_split_the_cores_and_lose_no_token(llama, engine, tmp_path):
+    """Each takes half the threads while the other decodes too (worker/cpu_share.py), all of
+    them once alone again; the text is what a solo run with every thread gives."""
+    import threading
+
+    from worker.cpu_share import CpuBoard
+
+    prompt = tokens(llama, PROMPTS[1])
+    params = replace(GREEDY, max_tokens=96)
+    solo, _ = drain(engine.submit(prompt, params))
+    boards = [CpuBoard(tmp_path / "board"), CpuBoard(tmp_path / "board")]
+    for board in boards:
+        board.claim()
+    pair = [BatchedEngine(llama, n_ctx_per_slot=512, n_slots=2, n_batch=N_BATCH, n_threads=2, cpu_share=board)
+            for board in boards]
+    try:
+        texts: list[str] = ["", ""]
+
+        def run(i: int) -> None:
+            texts[i], _ = drain(pair[i].submit(prompt, params))
+
+        runs = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+        for t in runs:
+            t.start()
+        for t in runs:
+            t.join()
+        assert texts == [solo, solo]
+        assert all(e.rounds_by_threads.get(1, 0) > 0 for e in pair), [e.rounds_by_threads for e in pair]
+        before = dict(pair[0].rounds_by_threads)
+        assert drain(pair[0].submit(prompt, params))[0] == solo
+        # The other is idle now: every round of this run has every thread again.
+        assert pair[0].rounds_by_threads.get(1, 0) == before.get(1, 0)
+        assert pair[0].rounds_by_threads.get(2, 0) > before.get(2, 0)
+        assert pair[0].describe()["threads_now"] == 2
+    finally:
+        for e in pair:
+            e.close()
+        for board in boards:
+            board.release()

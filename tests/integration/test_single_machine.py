@@ -17,6 +17,7 @@ import pytest
 from orchestrator.core.model_shape import shape_from_gguf
 from orchestrator.fit import CPU_DECODE_EFFICIENCY, GPU_DECODE_EFFICIENCY
 from tests.support import homefleet_command, homefleet_up, child_env, write_config
+from worker import cpu_share
 from worker.engine import default_threads
 
 pytestmark = pytest.mark.integration
@@ -362,6 +363,10 @@ def test_llama_cpp_threads_are_bound_one_to_a_core_when_they_use_every_core(serv
         assert any(set(cpus) == usable for cpus in single), single
     else:
         assert not any(single), single
+    # Each replica has its row in the machine's table of decoding replicas (worker/cpu_share.py).
+    table = cpu_share.board_path().read_bytes()
+    pids = {cpu_share.ROW.unpack_from(table, i * cpu_share.ROW.size)[0] for i in range(cpu_share.ROWS)}
+    assert {p.pid for p in replicas} <= pids
 
 
 def test_fit_measures_this_machine_with_a_short_run(gemma_path):
