@@ -62,6 +62,10 @@ class ReplicaView(BaseModel):
     decode_tokens_per_s: float | None = Field(None, description="Measured on recent requests.")
     in_flight: int = 0
     slots: int = Field(1, description="Requests it decodes at once.")
+    threads: int | None = Field(None, description="CPU threads it decodes with when it is the only replica "
+                                "decoding on its machine.")
+    threads_now: int | None = Field(None, description="CPU threads it decodes with now: its share while other "
+                                    "replicas on the machine decode too.")
     requests_served: int = 0
     prompt_tokens: int = Field(0, description="Prompt tokens of the requests it served (from their `usage`).")
     completion_tokens: int = Field(0, description="Answer tokens it generated for the requests it served.")

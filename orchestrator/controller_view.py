@@ -101,6 +101,8 @@ def _replica_view(r: ReplicaRecord) -> ReplicaView:
         decode_tokens_per_s=r.info.get("decode_tokens_per_s"),
         in_flight=r.in_flight,
         slots=r.slots,
+        threads=r.info.get("threads"),
+        threads_now=r.info.get("threads_now"),
         requests_served=r.served,
         prompt_tokens=r.prompt_tokens,
         completion_tokens=r.completion_tokens,

@@ -12,13 +12,12 @@ alone again, all of them. Each replica's OpenMP places start at a different core
 (`place_offset`), so that when the threads are bound (worker/thread_binding.py) the shares
 land on different cores: the first replica from core 0, the second from the middle, and so on.
 
-A replica that dies leaves its row: rows not refreshed for `STALE_S` do not count, and a new
-replica takes the row of a pid that is gone.
+A replica that dies leaves its row: a row whose pid is gone does not count (and the next
+replica takes it), nor one not renewed for `STALE_S`.
 """
 
 from __future__ import annotations
 
-import fcntl
 import mmap
 import os
 import struct
@@ -28,7 +27,8 @@ from pathlib import Path
 
 ROWS = 64
 ROW = struct.Struct("<iid")  # pid, decoding (0/1), when it last said so (time.time())
-STALE_S = 2.0  # a decoding row older than this is a replica that died or hangs
+STALE_S = 60.0  # a decoding row not renewed for this long is a replica that hangs (a round, even a
+# long prompt chunk on a slow CPU, renews it; one that died is seen by its pid at once)
 REFRESH_S = 0.5  # a decoding replica renews its row at least this often
 READ_EVERY_S = 0.2  # how often a decoding replica looks at the others (a round is ~10-50 ms)
 
@@ -88,6 +88,8 @@ class CpuBoard:
 
     def claim(self) -> int:
         """Take the first free row (or one whose process is gone); returns its index."""
+        import fcntl  # POSIX only: elsewhere the replica decodes with every thread, as before
+
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
@@ -138,6 +140,6 @@ class CpuBoard:
             if i == self.index:
                 continue
             pid, decoding, said = ROW.unpack_from(self._map, i * ROW.size)
-            if pid and decoding and now - said < STALE_S:
+            if pid and decoding and now - said < STALE_S and _alive(pid):
                 count += 1
         return count

@@ -154,7 +154,16 @@ class Engine:
             "decode_tokens_per_s": round(statistics.median(self.decode_rates), 2) if self.decode_rates else None,
             "parallel": self.batch.n_slots if self.batch is not None else 1,
             "slots": self.slots(),
+            **self.threads(),
         }
+
+    def threads(self) -> dict:
+        """CPU threads: its own, and what it decodes with now (its share while other replicas
+        on the machine decode too, worker/cpu_share.py)."""
+        if self.batch is None:
+            own = self.settings.n_threads or default_threads()
+            return {"threads": own, "threads_now": own}
+        return {"threads": self.batch.threads[0], "threads_now": self.batch.threads_now[0]}
 
     def slots(self) -> dict:
         """Busy and waiting requests, and what the prompt cache has saved."""

@@ -249,7 +249,7 @@ def _claim_cpu_board() -> CpuBoard | None:
     board = CpuBoard()
     try:
         board.claim()
-    except (OSError, RuntimeError) as exc:  # no shared memory: decode with every thread, as before
+    except (ImportError, OSError, RuntimeError) as exc:  # no shared memory: every thread, as before
         log.warning("replicas on this machine will not share its cores: %s", exc)
         return None
     return board

@@ -198,6 +198,9 @@ class ClusterCollector(Collector):
                     [((m.name, r.replica_id, r.node), min(r.in_flight, r.slots)) for m, r in placed])
         yield gauge("homefleet_replica_slots", "Requests the replica decodes at once.", labels,
                     [((m.name, r.replica_id, r.node), r.slots) for m, r in placed])
+        yield gauge("homefleet_replica_threads", "CPU threads the replica decodes with now: its share of the "
+                    "machine's cores while other replicas there decode too.", labels,
+                    [((m.name, r.replica_id, r.node), r.threads_now) for m, r in placed if r.threads_now is not None])
         yield gauge("homefleet_model_waiting_requests", "Requests waiting for the model to load.", ["model"],
                     [((m.name,), m.waiting) for m in view.models])
         replica_served = CounterMetricFamily("homefleet_replica_requests", "Requests the replica served.",

@@ -94,6 +94,7 @@ def test_a_streamed_and_a_whole_request_move_the_histograms_and_token_counters_b
     assert total(after, "homefleet_node_up", node=node) == 1
     assert total(after, "homefleet_node_ram_total_bytes", node=node) > 0
     assert total(after, "homefleet_replica_slots", model=DEMO_MODEL_NAME) >= 1
+    assert total(after, "homefleet_replica_threads", model=DEMO_MODEL_NAME) >= 1  # alone: all its threads
 
 
 def test_the_event_log_shows_the_model_placed_then_loaded_with_ids(server):

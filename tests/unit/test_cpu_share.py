@@ -67,3 +67,12 @@ def test_bound_threads_of_a_later_replica_start_at_its_own_core(monkeypatch):
     env = {"OMP_PLACES": "cores"}  # the user's own places win
     bind_threads_if_whole_machine(len(cpus), env, first_core=1)
     assert env == {"OMP_PLACES": "cores", "OMP_PROC_BIND": "true"}
+
+
+def test_a_replica_that_died_while_decoding_stops_counting_at_once(tmp_path):
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    a = CpuBoard(tmp_path / "board")
+    a.claim()
+    ROW.pack_into(a._map, 5 * ROW.size, gone.pid, 1, 100.0)  # said "decoding" just now, then died
+    assert a.decoding(now=100.0) == 1

@@ -67,7 +67,7 @@ def fake_view() -> ClusterView:
         NodeView(name="laptop-1", address="10.0.0.3", hardware=hardware("laptop-1"), transfers=[copying]),
     ]
     busy = ReplicaView(replica_id="gemma#0", node="desktop", state="ready", in_flight=6, slots=4, requests_served=7,
-                       prompt_tokens=70, completion_tokens=140)
+                       prompt_tokens=70, completion_tokens=140, threads=8, threads_now=4)
     models = [ModelView(name="gemma", context=4096, state="ready", replicas=[busy], in_flight=6),
               ModelView(name="big", context=4096, state="copying", waiting=2,
                         replicas=[ReplicaView(replica_id="big#0", node="laptop-1", state="copying")])]
@@ -93,6 +93,7 @@ def test_nodes_gpus_and_replicas_come_from_the_cluster_view_at_scrape_time():
     assert value(parsed, "homefleet_replica_slots_in_use", **replica) == 4
     assert value(parsed, "homefleet_replica_queue_depth", **replica) == 2  # six in flight on four slots
     assert value(parsed, "homefleet_replica_requests_total", **replica) == 7
+    assert value(parsed, "homefleet_replica_threads", **replica) == 4  # half its 8 while another decodes
     assert value(parsed, "homefleet_replica_ready", model="big", replica="big#0", node="laptop-1") == 0
     assert value(parsed, "homefleet_model_waiting_requests", model="big") == 2
     assert value(parsed, "homefleet_transfer_done_bytes", node="laptop-1", file="big.gguf", source="desktop") == GIB
