@@ -319,8 +319,7 @@ class BatchedEngine:
         while True:
             if self.active == 0:  # no decode follows: hand over what the last round produced now
                 self._deliver()
-                if self._cpu_share is not None:
-                    self._cpu_share.idle()
+                self._share_cores(idle=True)
             with self._cond:
                 while not self._closing and not self._queue and not self._chores and self.active == 0:
                     self._cond.wait()
@@ -341,16 +340,21 @@ class BatchedEngine:
         self._fail_all(RuntimeError("the engine is closed"))
         self._deliver()
 
-    def _share_cores(self) -> None:
-        """Its share of the machine's threads while other replicas decode too, all when alone."""
+    def _share_cores(self, idle: bool = False) -> None:
+        """Before a round: its share of the machine's threads while other replicas decode too,
+        all of them when alone. Idle: it says so, and has all of them for whatever comes next."""
         if self._cpu_share is None:
             return
-        decoding = self._cpu_share.decoding()
-        now = tuple(shared_threads(own, decoding) for own in self.threads)
+        if idle:
+            self._cpu_share.idle()
+            now = self.threads
+        else:
+            decoding = self._cpu_share.decoding()
+            now = tuple(shared_threads(own, decoding) for own in self.threads)
+            self.rounds_by_threads[now[0]] = self.rounds_by_threads.get(now[0], 0) + 1
         if now != self.threads_now:
             self._llama_cpp.llama_set_n_threads(self.ctx, *now)
             self.threads_now = now
-        self.rounds_by_threads[now[0]] = self.rounds_by_threads.get(now[0], 0) + 1
 
     def _emit(self, handle: SequenceHandle, kind: str, value=None) -> None:
         self._outbox.append((handle, kind, value))
