@@ -76,9 +76,9 @@ class CpuBoard:
     """This process's row in the machine's table. `claim` at load, `decoding` before each
     round, `idle` when nothing decodes, `release` at unload."""
 
-    def __init__(self, path: Path | None = None, pid: int | None = None) -> None:
+    def __init__(self, path: Path | None = None) -> None:
         self.path = path or board_path()
-        self.pid = pid if pid is not None else os.getpid()
+        self.pid = os.getpid()
         self.index: int | None = None
         self._map: mmap.mmap | None = None
         self._decoding = False
