@@ -12,6 +12,11 @@ post norms, 5 sliding-window layers : 1 global). Weights are random normal (std 
 ("llama") vocabulary: <unk>, <s>, </s>, the 256 byte tokens, then word pieces up to n_vocab.
 Quantization runs llama.cpp's quantizer in a child process (it once crashed when quantize and
 load ran in one process).
+
+SHAPES names the shapes of real models, for benchmarks whose speed depends on the shape
+only (a GPU machine cannot download the real weights):
+
+    python -m tests.gguf_factory --shape llama3.2-1b --quant Q4_K_M /tmp/llama-1b-q4_k_m.gguf
 """
 
 from __future__ import annotations
@@ -24,6 +29,15 @@ from pathlib import Path
 import numpy as np
 
 ARCHITECTURES = ("llama", "qwen2", "gemma3")
+# Real models' shapes (their config.json): the same tensors, random weights.
+SHAPES = {
+    "llama3.2-1b": dict(arch="llama", n_layers=16, n_embd=2048, n_head=32, n_head_kv=8, n_ff=8192, n_vocab=128256,
+                        tied_embedding=True, ctx=131072),
+    "llama3.2-3b": dict(arch="llama", n_layers=28, n_embd=3072, n_head=24, n_head_kv=8, n_ff=8192, n_vocab=128256,
+                        tied_embedding=True, ctx=131072),
+    "gemma3-1b": dict(arch="gemma3", n_layers=26, n_embd=1152, n_head=4, n_head_kv=1, head_dim=256, n_ff=6912,
+                      n_vocab=262144, ctx=32768),
+}
 _N_SPECIAL = 3  # <unk>, <s>, </s>
 
 
@@ -258,3 +272,27 @@ def generate_in_child(path: str | Path, max_tokens: int = 4, timeout_s: float = 
     if proc.returncode != 0:
         raise RuntimeError(f"llama.cpp could not run {path} (rc {proc.returncode}): {proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import tempfile
+
+    parser = argparse.ArgumentParser(description="Write a GGUF of a real model's shape with random weights.")
+    parser.add_argument("--shape", choices=sorted(SHAPES), required=True)
+    parser.add_argument("--quant", default="Q4_K_M", help=f"one of {', '.join(QUANT_FTYPES)}")
+    parser.add_argument("out", help="the GGUF to write")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    if args.quant.upper() == "F16":
+        write_gguf(out, name=f"random-{args.shape}", **SHAPES[args.shape])
+    else:
+        with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+            f16 = write_gguf(Path(tmp) / "f16.gguf", name=f"random-{args.shape}", **SHAPES[args.shape])
+            quantize(f16, out, args.quant)
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -58,6 +58,10 @@ The 10-turn chat (CHAT_TURNS) runs through each engine; the share of the prompt 
 after the first turn served from the cache is homefleet's
 `usage.prompt_tokens_details.cached_tokens`, llama-server's `timings.cache_n`.
 
+--gpu-layers N offloads N layers (999: all) to GPU 0 in every engine (llama-server `-ngl N -sm
+none -mg 0`, homefleet's model `gpu_layers`): tests/bench/gpu_table.sh runs the table so on an
+NVIDIA machine, for models of real 1-3B shapes (tests/gguf_factory.py SHAPES).
+
 Goal (issue 10, this 2-core machine): aggregate at 4 and 8 streams >= llama-server's;
 median TTFT <= 1.5x llama-server's; one stream >= 0.98x today's; a 10-turn chat serves
 >= 90% of the prompt tokens after the first turn from the cache.
@@ -295,7 +299,7 @@ def wave_homefleet(homefleet: Homefleet, prompts: Prompts, max_tokens: int) -> W
 
 class LlamaServer:
     def __init__(self, binary: str, model: str, ctx_per_slot: int, slots: int, threads: int, n_batch: int,
-                 env_updates: dict[str, str] | None = None, name: str = "llama_server") -> None:
+                 env_updates: dict[str, str] | None = None, name: str = "llama_server", gpu_layers: int = 0) -> None:
         from tests.support import free_port
 
         self.port = free_port()
@@ -304,7 +308,8 @@ class LlamaServer:
         self.proc = subprocess.Popen(
             [binary, "-m", model, "-c", str(ctx_per_slot * slots), "-np", str(slots), "-t", str(threads),
              "-tb", str(threads), "-b", str(n_batch), "-ub", str(n_batch), "--host", "127.0.0.1",
-             "--port", str(self.port), "--no-webui"],
+             "--port", str(self.port), "--no-webui", "-ngl", str(gpu_layers),
+             *(["-sm", "none", "-mg", "0"] if gpu_layers else [])],  # one GPU, as homefleet's replica has it
             stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env_updates or {})})
         self.name = name
         deadline = time.monotonic() + 120
@@ -324,7 +329,7 @@ class LlamaServer:
         text = Path(self.log.name).read_text()
         m = re.search(r"n_slots = (\d+), n_ctx_slot = (\d+), kv_unified = '(\w+)'", text)
         return {"n_slots": int(m.group(1)), "n_ctx_slot": int(m.group(2)), "kv_unified": m.group(3) == "true",
-                "flash_attn": "auto (llama-server's default; on for this CPU build)"} if m else {}
+                "flash_attn": "auto (llama-server's default)"} if m else {}
 
     def pids(self) -> dict[int, str]:
         return {self.proc.pid: self.name}
@@ -349,6 +354,8 @@ class Homefleet:
         self.tmp = tempfile.TemporaryDirectory(prefix="batch-bench-homefleet-")
         tmp = Path(self.tmp.name)
         entry = {"name": MODEL_NAME, "path": args.model, "context": args.ctx_per_slot, "n_threads": args.threads}
+        if args.gpu_layers:
+            entry["gpu_layers"] = args.gpu_layers
         if before_tree is None:
             entry.update(parallel=args.slots, load="always")
         if args.chat_format:
@@ -481,7 +488,7 @@ class EngineProcess:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tests.bench.batch_bench", "--engine-child", kind, "--model", args.model,
              "--ctx-per-slot", str(args.ctx_per_slot), "--slots", str(args.slots), "--n-batch", str(args.n_batch),
-             "--threads", str(args.threads), "--flash-attn", flash_attn,
+             "--threads", str(args.threads), "--flash-attn", flash_attn, "--gpu-layers", str(args.gpu_layers),
              *(["--chat-format", args.chat_format] if args.chat_format else [])],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.call({"ping": True})
@@ -510,12 +517,13 @@ def engine_child(args) -> None:
         from worker.batch_engine import BatchedEngine
 
         engine = BatchedEngine(args.model, n_ctx_per_slot=args.ctx_per_slot, n_slots=args.slots,
-                               n_batch=args.n_batch, n_threads=args.threads,
+                               n_batch=args.n_batch, n_threads=args.threads, n_gpu_layers=args.gpu_layers,
+                               gpu=0 if args.gpu_layers else None,
                                flash_attn={"auto": None, "on": True, "off": False}[args.flash_attn])
         run = lambda prompts, n: wave_batched(engine, prompts, n)  # noqa: E731
     else:
         engine = llama_cpp.Llama(args.model, n_ctx=args.ctx_per_slot, n_batch=args.n_batch, n_threads=args.threads,
-                                 flash_attn=args.flash_attn == "on", verbose=False)
+                                 n_gpu_layers=args.gpu_layers, flash_attn=args.flash_attn == "on", verbose=False)
         run = lambda prompts, n: wave_today(engine, prompts, n)  # noqa: E731
     for line in sys.stdin:
         command = json.loads(line)
@@ -572,8 +580,11 @@ def chat_server(url: str, turns: list[str], max_tokens: int, vocab, formatter) -
         for turn in turns:
             messages.append({"role": "user", "content": turn})
             prompt = tokenize_prompt(vocab, formatter.render(messages))
-            reply = client.post(f"{url}/completion", json={
-                "prompt": prompt, "n_predict": max_tokens, "temperature": 0, "cache_prompt": True}).json()
+            response = client.post(f"{url}/completion", json={
+                "prompt": prompt, "n_predict": max_tokens, "temperature": 0, "cache_prompt": True})
+            if response.status_code != 200:
+                raise RuntimeError(f"llama-server's chat turn failed: {response.status_code} {response.text[:500]}")
+            reply = response.json()
             messages.append({"role": "assistant", "content": reply["content"]})
             prompt_tokens.append(len(prompt))
             cached.append(int(reply["timings"]["cache_n"]))
@@ -675,7 +686,7 @@ def run_speed(args) -> dict:
                 if not args.server:
                     raise SystemExit(f"{name} needs --server (or no --no-server)")
                 servers[name] = LlamaServer(args.server, args.model, args.ctx_per_slot, args.slots, args.threads,
-                                            args.n_batch, env, name)
+                                            args.n_batch, env, name, args.gpu_layers)
         if "batched" in wanted:
             engines["batched"] = EngineProcess("batched", args, args.flash_attn)
         if "today" in wanted:
@@ -889,6 +900,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chat-tokens", type=int, default=48)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--gpu-layers", type=int, default=0,
+                        help="layers every engine offloads to GPU 0 (llama-server -ngl; 999: all of them)")
     parser.add_argument("--queue-per-replica", type=int, default=16, help="homefleet's gateway.queue_per_replica")
     parser.add_argument("--homefleet-beside", action="store_true",
                         help="one `homefleet up` for the whole run, its waves alternating with the others' (its "
@@ -928,10 +941,24 @@ def main(argv: list[str] | None = None) -> int:
         args.server = build_server()
     result = {"benchmark": "batch_engine", "model": Path(args.model).name, "max_tokens": args.max_tokens,
               "ctx_per_slot": args.ctx_per_slot, "slots": args.slots, "n_batch": args.n_batch,
-              "repeats": args.repeats, "cpus": os.cpu_count(), "engines": args.engines, **run_speed(args)}
+              "repeats": args.repeats, "cpus": os.cpu_count(), "gpu_layers": args.gpu_layers,
+              "gpu": _gpu_name() if args.gpu_layers else None, "engines": args.engines, **run_speed(args)}
     print(json.dumps(result, indent=2))
     print_summary(result)
     return 0
+
+
+def _gpu_name() -> str | None:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            return pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(0))
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # noqa: BLE001 - a label only
+        return None
 
 
 def build_server() -> str:
