@@ -4,6 +4,9 @@ idle, node gone and back, a replica crashed, moved back home, wake sent...).
 A bounded ring of plain dicts `{"id", "at", "kind", "model", "node", "reason", ...facts}`.
 Ids grow by one with each event and are never reused, so a reader that saw up to id N
 asks for what came `since` N (`GET /api/events?since=N`, `homefleet events --follow`).
+They begin at the log's start time in milliseconds, so a restarted gateway's ids go on
+above the old ones (a run would need more than an event a millisecond to catch up with
+the next): a follower asking `since` an id of the run before gets all of the new one.
 Facts beyond the reason (`seconds`, `bytes`) are for listeners such as the metrics.
 """
 
@@ -22,10 +25,13 @@ Listener = Callable[[dict], None]
 
 
 class EventLog:
-    def __init__(self, kept: int = EVENTS_KEPT, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, kept: int = EVENTS_KEPT, clock: Callable[[], float] = time.time,
+                 first_id: int | None = None) -> None:
+        """`first_id`: the first event's id is the one after it; by default the start time
+        in milliseconds (by `clock`)."""
         self._events: deque[dict] = deque(maxlen=kept)
         self._clock = clock
-        self.last_id = 0
+        self.last_id = int(clock() * 1000) if first_id is None else first_id
         self.listeners: list[Listener] = []
 
     def record(self, kind: str, model: str, node: str | None, reason: str, **facts: object) -> dict:
@@ -43,7 +49,7 @@ class EventLog:
     def since(self, event_id: int | None = None, limit: int = EVENTS_KEPT) -> list[dict]:
         """Oldest first. Without `event_id`: the latest `limit`. With it: the first `limit`
         after it, so a reader paging forward misses none the ring still holds. An id from
-        the future (the gateway restarted, ids began again) reads as 0: everything kept."""
+        the future (the clock was set back before a restart) reads as 0: everything kept."""
         if event_id is None:
             return list(self._events)[-limit:] if limit > 0 else []
         if event_id > self.last_id:

@@ -70,8 +70,8 @@ def fetch_events(url: str, api_key: str | None, since: int | None, limit: int = 
 def follow(url: str, api_key: str | None, since: int, show: Callable[[dict], None], interval_s: float,
            transport: httpx.BaseTransport | None = None, sleep: Callable[[float], None] = time.sleep) -> None:
     """Show each event newer than `since` as it comes, until interrupted. A gateway that stops
-    answering is said once, then waited for (its restart begins its ids again: the gateway
-    then answers from its first event)."""
+    answering is said once, then waited for (a restarted one's ids go on above the old ones:
+    it then answers from its first event)."""
     lost = False
     while True:
         try:

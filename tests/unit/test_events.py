@@ -22,7 +22,7 @@ SEVEN_B = "deepseek-r1-distill-qwen-7b.gguf"
 
 
 def log_of(*kinds: str, kept: int = 500) -> EventLog:
-    log = EventLog(kept, clock=iter(range(1_000, 2_000)).__next__)
+    log = EventLog(kept, clock=iter(range(1_000, 2_000)).__next__, first_id=0)
     for kind in kinds:
         log.record(kind, "gemma", "desktop", f"why {kind}")
     return log
@@ -51,6 +51,21 @@ def test_since_gives_the_events_after_an_id_oldest_first(since, limit, ids):
     returned = log.since(since, limit)
     assert [e["id"] for e in returned] == ids
     assert log.next_since(returned) == (ids[-1] if ids else 5)
+
+
+def test_ids_begin_at_the_start_time_so_a_restarted_log_goes_on_above_the_one_before():
+    now = [1_764_500_000.25]
+    before = EventLog(clock=lambda: now[0])
+    for kind in ("placed", "loaded", "crashed"):
+        before.record(kind, "gemma", "desktop", "why")
+    assert [e["id"] for e in before] == [1_764_500_000_251, 1_764_500_000_252, 1_764_500_000_253]
+    now[0] += 2.0  # the gateway restarts two seconds later and records its first events
+    after = EventLog(clock=lambda: now[0])
+    for kind in ("placed", "loaded"):
+        after.record(kind, "gemma", "desktop", "why")
+    seen = before.last_id  # a follower of the run before asks for what is newer
+    assert [e["kind"] for e in after.since(seen)] == ["placed", "loaded"]
+    assert min(e["id"] for e in after) > seen
 
 
 def test_a_failing_listener_neither_loses_the_event_nor_stops_the_others():
@@ -105,7 +120,7 @@ async def test_a_bad_or_unknown_events_parameter_is_a_400_naming_it(fleet, query
 def test_the_cluster_view_carries_event_ids():
     controller = Controller(config([{"name": "r1", "path": SEVEN_B}]), FakeCluster(LAB))
     controller.record_event("loaded", "r1", "desktop", "r1#0 ready in 2.0 s", seconds=2.0)
-    assert [(e.id, e.kind) for e in controller.view().events] == [(1, "loaded")]
+    assert [(e.id, e.kind) for e in controller.view().events] == [(controller.events.last_id, "loaded")]
 
 
 # ----------------------------------------------------------------------------- the CLI
