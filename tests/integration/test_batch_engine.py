@@ -94,6 +94,8 @@ def test_a_full_round_departs_from_solo_runs_only_where_the_two_best_tokens_near
     _, results = together(engine, requests)
     for prompt, solo_lps, (_, batch_lps) in zip(PROMPTS, alone, results):
         assert len(batch_lps) == len(solo_lps) == 24
+        for lp in batch_lps:  # each of the round's greedy picks is the best of its own row
+            assert lp.logprob == max(top_lp for _, top_lp, _ in lp.top), prompt
         fork = next((i for i, (a, b) in enumerate(zip(solo_lps, batch_lps)) if a.token != b.token), len(solo_lps))
         for a, b in zip(solo_lps[:fork], batch_lps[:fork]):
             assert abs(a.logprob - b.logprob) < 0.75, prompt
