@@ -949,16 +949,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _gpu_name() -> str | None:
-    try:
-        import pynvml
+    from worker.probe import NvmlSession
 
-        pynvml.nvmlInit()
-        try:
-            return pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(0))
-        finally:
-            pynvml.nvmlShutdown()
-    except Exception:  # noqa: BLE001 - a label only
-        return None
+    gpus = NvmlSession().gpus()
+    return gpus[0].name if gpus else None
 
 
 def build_server() -> str:

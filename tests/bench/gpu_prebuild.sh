@@ -11,7 +11,8 @@
 # records it; the GPU machine's driver provides the real one. The sources are llama.cpp as
 # vendored by the installed llama-cpp-python (as ../shared/bench/build-llama-server.sh takes
 # them), so llama-server and the engine run the same commit. The tarball: bin/ (llama-server,
-# llama-batched-bench), lib/ (libllama, libggml-*), python/llama_cpp (the bindings).
+# llama-batched-bench), lib/ (libllama, libggml-*), python/llama_cpp (the bindings). It also
+# writes .carry/llama-tools-ui.tar.xz, which gpu_table.sh's fallback build needs.
 set -euo pipefail
 root=$(pwd)
 work=${1:-/tmp/homefleet-cuda-build}
@@ -81,4 +82,6 @@ cp -a "$("$py" -c 'import llama_cpp, os; print(os.path.dirname(llama_cpp.__file_
 rm -rf "$stage/python/llama_cpp/lib" && find "$stage/python" -name __pycache__ -prune -exec rm -rf {} +
 strip --strip-unneeded "$stage"/lib/*.so.* "$stage"/lib/libllama-*impl.so "$stage"/bin/*
 tar cf - -C "$stage" bin lib python | xz -9 -T"$(nproc)" > "$root/.carry/llama-cuda-prebuilt.tar.xz"
+# for gpu_table.sh's fallback build: the server's web UI sources, which prepare.sh's trimmed tree lacks
+tar cJf "$root/.carry/llama-tools-ui.tar.xz" -C "$src/tools" ui
 ls -la "$root/.carry/llama-cuda-prebuilt.tar.xz"

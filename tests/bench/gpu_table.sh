@@ -11,7 +11,7 @@
 #   bash tests/bench/gpu_table.sh OUT_DIR [SHAPE...]        (default: llama3.2-1b llama3.2-3b)
 # llama.cpp with CUDA comes from .carry/llama-cuda-prebuilt.tar.xz where that holds a build
 # that runs here (bin/, lib/ and the llama_cpp package), else it is built here from .carry's
-# sources (about 5 minutes on 16 cores). Results: OUT_DIR/SHAPE.json (batch_bench's JSON),
+# sources and llama-tools-ui.tar.xz (both from gpu_prebuild.sh; about 5 minutes on 16 cores). Results: OUT_DIR/SHAPE.json (batch_bench's JSON),
 # SHAPE.log and SHAPE-batched-bench.txt (llama.cpp's own llama-batched-bench, the ceiling),
 # progress.txt (steps, times, the GPU).
 set -euo pipefail
