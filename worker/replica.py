@@ -4,8 +4,10 @@ Chat and text requests run on a pool of threads ("requests"), each handing its p
 the engine's batched decoder (worker/batch_engine.py), which serves `parallel` of them at
 once and queues the rest; none of these threads touches llama.cpp's decoding. Loading and
 embeddings (llama-cpp-python's `Llama`, not thread-safe) run one at a time on the "engine"
-thread; `info()` and `cancel()` answer from "control" while requests run. Streams are
-yielded as ready-to-send server-sent-event bytes, so the gateway only forwards them.
+thread; `info()` and `cancel()` answer from "control" while requests run. A stream's
+ready-to-send server-sent-event bytes go to the outbox (worker/stream_outbox.py), and from
+there, with every other stream's for the same gateway, in one message of `pump` a tick, so
+the gateway only forwards them.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from orchestrator.core.estimate import GC_EVERY_REQUESTS  # the estimate allows 
 from worker.cpu_share import CpuBoard, place_offset
 from worker.engine import Engine, EngineSettings, GenerationCancelled, default_threads
 from worker.errors import RequestError
+from worker.stream_outbox import StreamOutbox
 from worker.thread_binding import bind_threads_if_whole_machine, usable_cpus
 
 log = logging.getLogger(__name__)
@@ -32,8 +35,10 @@ log = logging.getLogger(__name__)
 SSE_DONE = b"data: [DONE]\n\n"
 FLUSH_INTERVAL_S = 0.05  # per decoding stream: more streams flush less often (_flush_interval)
 MIN_FLUSH_INTERVAL_S, MAX_FLUSH_INTERVAL_S = 0.1, 0.25
+PUMP_IDLE_S = 60.0  # a gateway's pump ends after this long with no stream of its own (it opens another)
 CANCELLED_KEPT_S = 600.0  # a cancel may arrive while its request still waits in the queue
 REQUEST_THREADS = 32  # requests in the replica at once; the router admits slots + its queue
+PUMP_THREADS = 4  # gateways streaming from the replica at once (a restarted one beside the old)
 
 
 def sse(payload: dict) -> bytes:
@@ -57,6 +62,7 @@ class ModelReplicaImpl:
         self.generation_limit_s = float(limits.get("generation_limit_s", 600.0)) if limits else 600.0
         self.threads_bound = False  # llama.cpp's threads one to a core (worker/thread_binding.py)
         self.cpu_board: CpuBoard | None = None  # the machine's decoding replicas (worker/cpu_share.py)
+        self.outbox = StreamOutbox(self._flush_interval_s)
 
     # ---- lifecycle -------------------------------------------------------------------
     def load(self) -> dict:
@@ -164,11 +170,33 @@ class ModelReplicaImpl:
         if self.served % GC_EVERY_REQUESTS == 0:
             gc.collect()
 
-    def stream_chat(self, messages: list[dict], sampling: dict, request_id: str = "") -> Iterator:
-        yield from self._stream(lambda e, stop: e.stream_chat(messages, sampling, stop), sampling, request_id)
+    def serve_chat(self, messages: list[dict], sampling: dict, request_id: str, consumer: str) -> None:
+        """Stream a chat answer to `consumer`'s pump (the gateway that asked)."""
+        self._serve(lambda e, stop: e.stream_chat(messages, sampling, stop), sampling, request_id, consumer)
 
-    def stream_text(self, prompt: str, sampling: dict, request_id: str = "") -> Iterator:
-        yield from self._stream(lambda e, stop: e.stream_text(prompt, sampling, stop), sampling, request_id)
+    def serve_text(self, prompt: str, sampling: dict, request_id: str, consumer: str) -> None:
+        self._serve(lambda e, stop: e.stream_text(prompt, sampling, stop), sampling, request_id, consumer)
+
+    def pump(self, consumer: str) -> Iterator[dict]:
+        """The consumer's streams, all in one message a tick: {request id: [items]}, each
+        stream's items in order: first {"error": ...} or b"" (accepted), then SSE bytes, then
+        None (its end). Ends after PUMP_IDLE_S with no stream of the consumer open."""
+        while True:
+            batch = self.outbox.take(consumer, PUMP_IDLE_S)
+            if batch is None:
+                return
+            yield batch
+
+    def _serve(self, start, sampling: dict, request_id: str, consumer: str) -> None:
+        self.outbox.open(consumer, request_id)
+        try:
+            for item, urgent in self._stream(start, sampling, request_id):
+                self.outbox.put(consumer, request_id, item, urgent)
+        except Exception as exc:  # in order after what was sent: the gateway ends the stream with an error
+            log.exception("stream %s failed", request_id)
+            self.outbox.put(consumer, request_id, RuntimeError(f"{type(exc).__name__}: {exc}"))
+        finally:
+            self.outbox.end(consumer, request_id)
 
     def _flush_interval_s(self) -> float:
         batch = self.engine.batch if self.engine is not None else None
@@ -183,39 +211,29 @@ class ModelReplicaImpl:
         self.cancelled = {k: t for k, t in self.cancelled.items() if now - t < CANCELLED_KEPT_S}
         self.cancelled[request_id] = now
 
-    def _stream(self, start, sampling: dict, request_id: str) -> Iterator:
-        """First item: {"error": ...} or b"" (accepted); then SSE bytes, ending with [DONE].
-
-        Tokens are sent in small batches (the first at once, then every `_flush_interval`
-        seconds): on a small machine each message between processes costs the
-        decoding threads more than the bytes are worth.
-        """
+    def _stream(self, start, sampling: dict, request_id: str) -> Iterator[tuple[object, bool]]:
+        """(item, whether to send it at once): first {"error": ...} or b"" (accepted), then
+        SSE bytes, the last ending with [DONE]; a cancelled stream ends without it."""
         mark = object()
         self.in_progress.add(mark)
         try:
             if self._was_cancelled(request_id):
-                yield {"error": _client_left()}
+                yield {"error": _client_left()}, True
                 return
             try:
                 chunks = start(self._ready_engine(), self._stop_check(request_id))
             except RequestError as exc:
-                yield {"error": exc.as_dict()}
+                yield {"error": exc.as_dict()}, True
                 return
-            yield b""
-            pending: list[bytes] = []
-            last_flush = None
+            yield b"", True
+            first_text = True
             try:
                 for event, has_content in _sse_events(chunks, sampling.get("include_usage")):
-                    pending.append(event)
-                    now = time.monotonic()
-                    if has_content and (last_flush is None or now - last_flush >= self._flush_interval_s()):
-                        yield b"".join(pending)
-                        pending.clear()
-                        last_flush = now
+                    yield event, first_text and has_content  # the first token goes at once
+                    first_text = first_text and not has_content
             except GenerationCancelled:
                 return
-            pending.append(SSE_DONE)
-            yield b"".join(pending)
+            yield SSE_DONE, True
             self._served_one()
         finally:
             self.in_progress.discard(mark)
@@ -223,10 +241,10 @@ class ModelReplicaImpl:
 
 
 def _flush_interval(active: int) -> float:
-    """Seconds between a stream's messages: 10 a second for one or two streams, fewer as more
-    decode (at most 4 a second each): every message between processes costs the decoding
-    threads CPU on a small machine (3-5% of the tokens at 8 streams on 2 cores, measured by
-    tests/bench/replica_overhead.py). The first token always goes at once."""
+    """Seconds between a replica's messages to a gateway: 10 a second for one or two streams,
+    fewer as more decode (at most 4 a second): the gateway writes to each client once a
+    message, and every write costs the decoding threads CPU on a small machine. The first
+    token always goes at once."""
     return min(MAX_FLUSH_INTERVAL_S, max(MIN_FLUSH_INTERVAL_S, FLUSH_INTERVAL_S * active))
 
 
@@ -285,19 +303,15 @@ def replica_actor_class(control_concurrency: int = 2):
     return ray.remote(
         num_cpus=0,
         max_restarts=0,
-        concurrency_groups={"engine": 1, "requests": REQUEST_THREADS, "control": control_concurrency},
+        concurrency_groups={"engine": 1, "requests": REQUEST_THREADS, "control": control_concurrency,
+                            "pump": PUMP_THREADS},
     )(ModelReplicaImpl)
 
 
 for _name in ("load", "embed"):
     setattr(ModelReplicaImpl, _name, ray.method(concurrency_group="engine")(getattr(ModelReplicaImpl, _name)))
-for _name in ("chat", "complete"):
+for _name in ("chat", "complete", "serve_chat", "serve_text"):
     setattr(ModelReplicaImpl, _name, ray.method(concurrency_group="requests")(getattr(ModelReplicaImpl, _name)))
-for _name in ("stream_chat", "stream_text"):
-    setattr(
-        ModelReplicaImpl,
-        _name,
-        ray.method(num_returns="streaming", concurrency_group="requests")(getattr(ModelReplicaImpl, _name)),
-    )
+ModelReplicaImpl.pump = ray.method(num_returns="streaming", concurrency_group="pump")(ModelReplicaImpl.pump)
 ModelReplicaImpl.info = ray.method(concurrency_group="control")(ModelReplicaImpl.info)
 ModelReplicaImpl.cancel = ray.method(concurrency_group="control")(ModelReplicaImpl.cancel)

@@ -167,7 +167,7 @@ def ollama_routes(controller: Controller, router: Router, relay: Relay, started_
             return done_without_answer(kind, body.model, "unload" if unload else "load", time.time())
         stream = OllamaStream(kind, body.model, started, await loaded(body, request), clock=clock)
         response = await on_a_replica(body.model, lambda replica: relay.stream(
-            replica, lambda rid: start(replica, rid), request, transform=stream.ndjson, media_type=NDJSON))
+            replica, lambda rid, consumer: start(replica, rid, consumer), request, transform=stream.ndjson, media_type=NDJSON))
         if not isinstance(response, EventStream):
             return response  # the replica refused it (in Ollama's shape by the route)
         stream.accepted()
@@ -178,7 +178,7 @@ def ollama_routes(controller: Controller, router: Router, relay: Relay, started_
         """A chat answer, streamed as NDJSON unless `stream: false`."""
         messages, sampling = body.engine_messages(), body.sampling()
         return await generation(body, request, "chat",
-                                lambda r, rid: r.handle.stream_chat.remote(messages, sampling, rid),
+                                lambda r, rid, c: r.handle.serve_chat.remote(messages, sampling, rid, c),
                                 nothing_to_answer=not body.messages)
 
     @api.post("/generate", responses={**GENERATION_ANSWER, **_errors(400, 404, 502, 503)})
@@ -187,10 +187,10 @@ def ollama_routes(controller: Controller, router: Router, relay: Relay, started_
         sampling = body.sampling()
         if body.raw:
             prompt = body.prompt
-            start = lambda r, rid: r.handle.stream_text.remote(prompt, sampling, rid)  # noqa: E731
+            start = lambda r, rid, c: r.handle.serve_text.remote(prompt, sampling, rid, c)  # noqa: E731
         else:
             messages = body.engine_messages()
-            start = lambda r, rid: r.handle.stream_chat.remote(messages, sampling, rid)  # noqa: E731
+            start = lambda r, rid, c: r.handle.serve_chat.remote(messages, sampling, rid, c)  # noqa: E731
         return await generation(body, request, "generate", start, nothing_to_answer=not body.prompt)
 
     async def embeddings(body, request: Request, inputs: list[str], shape):

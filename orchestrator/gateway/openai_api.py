@@ -40,7 +40,7 @@ def openai_routes(controller: Controller, router: Router, relay: Relay, created:
             replica = router.acquire(model)
             try:
                 if stream is not None:
-                    return await relay.stream(replica, lambda rid: stream(replica, rid), request)
+                    return await relay.stream(replica, lambda rid, consumer: stream(replica, rid, consumer), request)
                 return await relay.whole(replica, lambda rid: whole(replica, rid), request, shape)
             except ReplicaLost:
                 # It died before sending anything: another replica may answer, once.
@@ -54,7 +54,7 @@ def openai_routes(controller: Controller, router: Router, relay: Relay, created:
         messages, sampling = body.engine_messages(), body.sampling()
         return await answer(
             body, request,
-            (lambda r, rid: r.handle.stream_chat.remote(messages, sampling, rid)) if body.stream else None,
+            (lambda r, rid, c: r.handle.serve_chat.remote(messages, sampling, rid, c)) if body.stream else None,
             lambda r, rid: r.handle.chat.remote(messages, sampling, rid))
 
     @api.post("/completions", responses={**answer_or_events(Completion, TEXT_EVENTS), **error_responses(*MODEL_ERRORS)})
@@ -63,7 +63,7 @@ def openai_routes(controller: Controller, router: Router, relay: Relay, created:
         prompt, sampling = body.text(), body.sampling()
         return await answer(
             body, request,
-            (lambda r, rid: r.handle.stream_text.remote(prompt, sampling, rid)) if body.stream else None,
+            (lambda r, rid, c: r.handle.serve_text.remote(prompt, sampling, rid, c)) if body.stream else None,
             lambda r, rid: r.handle.complete.remote(prompt, sampling, rid))
 
     @api.post("/embeddings", responses={200: {"model": EmbeddingList}, **error_responses(*MODEL_ERRORS)})

@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from orchestrator.gateway.errors import error_body, error_response
 from orchestrator.gateway.metrics import SSE_DONE, RequestOutcome, usage_of_final_item
 from orchestrator.gateway.router import Router
+from orchestrator.gateway.stream_pump import Pumps
 from worker.errors import RequestError
 
 if TYPE_CHECKING:
@@ -104,9 +105,9 @@ async def _awaited(ref):
     return await ref
 
 
-async def _next_item(generator):
+async def _next_item(stream):
     """The next item of a replica's stream (StopAsyncIteration at its end)."""
-    return await (await generator.__anext__())
+    return await stream.__anext__()
 
 
 class Relay:
@@ -114,6 +115,7 @@ class Relay:
         self.controller = controller
         self.router = router
         self.disconnect_poll_s = disconnect_poll_s
+        self.pumps = Pumps()
 
     async def failed(self, replica: ReplicaRecord, exc: Exception) -> RequestError:
         """The replica broke under a request: log the detail, tell the client briefly."""
@@ -175,28 +177,33 @@ class Relay:
         finally:
             pending.cancel()  # a no-op once done
 
-    async def stream(self, replica: ReplicaRecord, start: Callable[[str], Any],
+    async def stream(self, replica: ReplicaRecord, start: Callable[[str, str], Any],
                      request: Request | None = None, transform: Transform | None = None,
                      media_type: str | None = None) -> StreamingResponse | JSONResponse:
-        """SSE bytes as the replica yields them. Its first item says whether it accepted the
-        request (b"") or not ({"error": ...}, answered with the error's status). A client that
-        leaves while it waits for that frees its place at once. `transform` reframes the bytes
-        (the Ollama API's NDJSON, as `media_type`); closing it must close what it reads."""
+        """SSE bytes as the replica sends them. `start(request_id, consumer)` is the replica's
+        serve_* call; the items come over its pump (gateway/stream_pump.py). The first says
+        whether it accepted the request (b"") or not ({"error": ...}, answered with the
+        error's status). A client that leaves while it waits for that frees its place at once.
+        `transform` reframes the bytes (the Ollama API's NDJSON, as `media_type`); closing it
+        must close what it reads."""
         flight = Flight(self.router, replica, uuid.uuid4().hex)
         try:
-            generator = start(flight.request_id)
+            generator = self.pumps.open(replica, flight.request_id, lambda consumer: start(flight.request_id, consumer))
             if request is not None:
                 first = await self._wait(replica, _next_item(generator), request, flight.request_id)
             else:
                 first = await asyncio.wait_for(_next_item(generator), ANSWER_TIMEOUT_S)
         except Exception as exc:
+            self.pumps.close(flight.request_id)
             flight.failed(exc)
             flight.end(served=False)
             raise await self.failed(replica, exc) from None
         except BaseException:  # cancelled while waiting for the replica
+            self.pumps.close(flight.request_id)
             flight.end(served=False)
             raise
         if isinstance(first, dict) and "error" in first:
+            self.pumps.close(flight.request_id)
             error = RequestError.from_dict(first["error"])
             flight.end(served=False, cancel=False, status=error.status)
             return error_response(error)
@@ -204,7 +211,7 @@ class Relay:
         body = self._forward(replica, generator, flight)
         return EventStream(transform(body) if transform else body, flight, headers, media_type)
 
-    def stream_after_load(self, model: str, start: Callable[[ReplicaRecord, str], Any]) -> StreamingResponse:
+    def stream_after_load(self, model: str, start: Callable[[ReplicaRecord, str, str], Any]) -> StreamingResponse:
         """A stream for a model that is not loaded: SSE comment lines (`: loading 40%`) while it
         loads, so that proxies keep the connection, then its answer (an error, as an error
         event). Leaving stops the wait."""
@@ -226,9 +233,10 @@ class Relay:
                 yield _error_event(exc)
                 return
             flight = Flight(self.router, replica, uuid.uuid4().hex)
+            request_id = flight.request_id
             try:
-                generator = start(replica, flight.request_id)
-                first = await (await generator.__anext__())
+                generator = self.pumps.open(replica, request_id, lambda consumer: start(replica, request_id, consumer))
+                first = await _next_item(generator)
             except Exception as exc:
                 flight.failed(exc)
                 flight.end(served=False)
@@ -244,6 +252,7 @@ class Relay:
         finally:
             waiter.cancel()
             if flight is not None:
+                self.pumps.close(flight.request_id)
                 flight.end(served=False)  # a no-op when the stream ended it
 
     async def _forward(self, replica: ReplicaRecord, generator, flight: Flight) -> AsyncIterator[bytes]:
@@ -265,6 +274,7 @@ class Relay:
             flight.failed(exc)
             yield _error_event(await self.failed(replica, exc))
         finally:
+            self.pumps.close(flight.request_id)
             flight.end(served)
 
 

@@ -7,10 +7,10 @@ alternating. Prints JSON. A diagnostic for issue 10's benchmark (tests/bench/bat
 
 - "batched": worker/batch_engine.py alone (batch_bench's "batched").
 - "engine": worker/engine.py's Engine.stream_chat: + chat template, OpenAI chunk dicts.
-- "replica": worker/replica.py's ModelReplicaImpl.stream_chat, no Ray: + SSE bytes batched
-  every FLUSH_INTERVAL_S (each --flush value).
+- "replica": worker/replica.py's ModelReplicaImpl.serve_chat, no Ray: + SSE bytes, all
+  streams' in one pump message every FLUSH_INTERVAL_S (each --flush value).
 - "ray": the same replica as a Ray actor (a local Ray of its own, `ray.init("local")`), its
-  stream read by a Ray driver: + Ray's streaming generator, one object per flush (each --flush).
+  pump read by a Ray driver: + Ray's streaming generator, one object per message (each --flush).
 - "homefleet": the product end to end (+ gateway, HTTP): batch_bench's "homefleet", its
   replica's FLUSH_INTERVAL_S set to each --flush (tests/bench/flush_override).
 
@@ -29,9 +29,11 @@ import math
 import os
 import statistics
 import subprocess
+import queue
 import sys
 import threading
 import time
+import uuid
 
 from tests.bench.batch_bench import CpuWatch, Wave, _formatter, measured, median_summary, prompts_for, wave_batched
 
@@ -136,10 +138,15 @@ def child(args) -> None:
         replica = ModelReplicaImpl("bench#0", settings(args))
         assert replica.load()["state"] == "ready"
 
+        pumped = _Pumped(replica.pump)
+
         def run(texts, tokens, n):
             def request(i):
-                yield from _replica_items(replica.stream_chat([{"role": "user", "content": texts[i]}],
-                                                              sampling_for(n), f"r{i}"))
+                rid = uuid.uuid4().hex
+                items = pumped.stream(rid)
+                threading.Thread(target=replica.serve_chat, args=([{"role": "user", "content": texts[i]}],
+                                                                  sampling_for(n), rid, pumped.consumer)).start()
+                yield from _replica_items(items)
             return thread_wave(len(texts), request)
     else:
         import ray
@@ -148,10 +155,14 @@ def child(args) -> None:
         actor = _flush_tuned_actor().remote("bench#0", settings(args), None, args.flush)
         assert ray.get(actor.load.remote())["state"] == "ready"
 
+        pumped = _Pumped(lambda consumer: (ray.get(ref) for ref in actor.pump.remote(consumer)))
+
         def run(texts, tokens, n):
             def request(i):
-                refs = actor.stream_chat.remote([{"role": "user", "content": texts[i]}], sampling_for(n), f"r{i}")
-                yield from _replica_items(ray.get(ref) for ref in refs)
+                rid = uuid.uuid4().hex
+                items = pumped.stream(rid)
+                actor.serve_chat.remote([{"role": "user", "content": texts[i]}], sampling_for(n), rid, pumped.consumer)
+                yield from _replica_items(items)
             return thread_wave(len(texts), request)
     for line in sys.stdin:
         command = json.loads(line)
@@ -163,12 +174,45 @@ def child(args) -> None:
         print(json.dumps(out), flush=True)
 
 
+class _Pumped:
+    """The replica's pump for one consumer, read on a thread of its own (opened again when it
+    ends idle); each request's items from its own queue, as the gateway's Pumps hands them."""
+
+    def __init__(self, pump) -> None:
+        self.consumer = uuid.uuid4().hex
+        self._queues: dict[str, queue.SimpleQueue] = {}
+        self._lock = threading.Lock()
+        threading.Thread(target=self._read, args=(pump,), daemon=True).start()
+
+    def _queue(self, request_id: str) -> queue.SimpleQueue:
+        with self._lock:
+            return self._queues.setdefault(request_id, queue.SimpleQueue())
+
+    def _read(self, pump) -> None:
+        while True:
+            for batch in pump(self.consumer):
+                for request_id, items in batch.items():
+                    for item in items:
+                        self._queue(request_id).put(item)
+
+    def stream(self, request_id: str):
+        """A generator of the request's items (ready before the request is served)."""
+        items = self._queue(request_id)
+
+        def read():
+            while (item := items.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        return read()
+
+
 def _flush_tuned_actor():
     """The replica's Ray actor (replica_actor_class's options) with FLUSH_INTERVAL_S set in
     its own process."""
     import ray
 
-    from worker.replica import REQUEST_THREADS, ModelReplicaImpl
+    from worker.replica import PUMP_THREADS, REQUEST_THREADS, ModelReplicaImpl
 
     class FlushTuned(ModelReplicaImpl):
         def __init__(self, replica_id: str, settings: dict, limits: dict | None, flush: float) -> None:
@@ -178,7 +222,8 @@ def _flush_tuned_actor():
             super().__init__(replica_id, settings, limits)
 
     return ray.remote(num_cpus=0, max_restarts=0,
-                      concurrency_groups={"engine": 1, "requests": REQUEST_THREADS, "control": 2})(FlushTuned)
+                      concurrency_groups={"engine": 1, "requests": REQUEST_THREADS, "control": 2,
+                                          "pump": PUMP_THREADS})(FlushTuned)
 
 
 class HomefleetLayer:

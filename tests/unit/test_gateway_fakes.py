@@ -1,6 +1,7 @@
 """A fake cluster for gateway tests: the controller's interface to the gateway, and replica
-handles that answer like Ray's (`.chat.remote()` an awaitable, `.stream_chat.remote()` an
-async generator of awaitables), each scripted by the test. The tests at the end keep the fake
+handles that answer like Ray's (`.chat.remote()` an awaitable; `.serve_chat.remote()` puts a
+stream's items in an outbox that `.pump.remote()`, an async generator of awaitables, carries),
+each scripted by the test. The tests at the end keep the fake
 honest: it offers what the real controller offers, under the same names.
 
 Also the clients: `asgi_client(app, peer)` (httpx through the real ASGI app, from any peer
@@ -108,28 +109,25 @@ class _Method:
         self.remote = fn
 
 
-class _RefGenerator:
-    """Like Ray's ObjectRefGenerator: `await gen.__anext__()` gives a ref to await."""
+class _Pump:
+    """Like Ray's ObjectRefGenerator of the replica's `pump`: refs to {request id: [items]}.
+    It ends once the consumer has no stream open and nothing waiting (the gateway opens
+    another); an item that is ReplicaDied kills it, as the actor's death does."""
 
-    def __init__(self, handle: FakeReplicaHandle, script: Script, request_id: str) -> None:
-        self.items = [b""] if script.error is None else [{"error": script.error}]
-        self.items += list(script.events) if script.error is None else []
-        self.handle, self.script, self.request_id = handle, script, request_id
-        self.index = 0
+    def __init__(self, handle: FakeReplicaHandle, consumer: str) -> None:
+        self.handle, self.consumer = handle, consumer
 
     def __aiter__(self):
         return self
 
     async def __anext__(self) -> _Ref:
-        await asyncio.sleep(0)
-        if self.script.hold and self.index == 2:
-            await self.handle.wait_cancelled(self.request_id)
-        if self.index >= len(self.items) or self.request_id in self.handle.cancelled:
+        queue = self.handle._outbox(self.consumer)
+        if queue.empty() and not self.handle._open.get(self.consumer):
             raise StopAsyncIteration
-        index, self.index = self.index, self.index + 1
-        if self.script.raise_at == index:
-            return _Ref(_raise, self.script.exception)
-        return _Ref(_value, self.items[index])
+        request_id, item = await queue.get()
+        if isinstance(item, ReplicaDied):
+            return _Ref(_raise, item)
+        return _Ref(_value, {request_id: [item]})
 
 
 class FakeReplicaHandle:
@@ -140,9 +138,12 @@ class FakeReplicaHandle:
         self._cancel_events: dict[str, asyncio.Event] = {}
         for name in ("chat", "complete", "embed"):
             setattr(self, name, _Method(self._whole_method(name)))
-        for name in ("stream_chat", "stream_text"):
-            setattr(self, name, _Method(self._stream_method(name)))
+        for name in ("serve_chat", "serve_text"):
+            setattr(self, name, _Method(self._serve_method(name)))
+        self.pump = _Method(lambda consumer: _Pump(self, consumer))
         self.cancel = _Method(self._cancel)
+        self._outboxes: dict[str, asyncio.Queue] = {}  # consumer -> (request id, item)
+        self._open: dict[str, set[str]] = {}  # consumer -> its streams not ended
 
     def will(self, script: Script) -> FakeReplicaHandle:
         self.scripts.append(script)
@@ -168,12 +169,38 @@ class FakeReplicaHandle:
                               "type": "invalid_request_error", "code": "client_closed_request"}}
         return script.answer
 
-    def _stream_method(self, name: str):
+    def _serve_method(self, name: str):
         def remote(*args):
             self.calls.append((name, args))
-            return _RefGenerator(self, self._next(), args[-1])
+            script, request_id, consumer = self._next(), args[-2], args[-1]
+            self._open.setdefault(consumer, set()).add(request_id)
+            return _Ref(self._serve, script, request_id, consumer)
 
         return remote
+
+    def _outbox(self, consumer: str) -> asyncio.Queue:
+        return self._outboxes.setdefault(consumer, asyncio.Queue())
+
+    async def _serve(self, script: Script, request_id: str, consumer: str) -> None:
+        """The stream's items into the consumer's outbox, as the replica's serve_* does: b""
+        (or the error), the events, then its end (None); `raise_at`: the exception instead."""
+        items = [b""] if script.error is None else [{"error": script.error}]
+        items += list(script.events) if script.error is None else []
+        outbox = self._outbox(consumer)
+        try:
+            for index, item in enumerate(items):
+                await asyncio.sleep(0)
+                if script.hold and index == 2:
+                    await self.wait_cancelled(request_id)
+                if request_id in self.cancelled:
+                    break
+                if script.raise_at == index:
+                    outbox.put_nowait((request_id, script.exception))
+                    return
+                outbox.put_nowait((request_id, item))
+        finally:
+            outbox.put_nowait((request_id, None))
+            self._open[consumer].discard(request_id)
 
     def _cancel(self, request_id: str) -> _Ref:
         self.cancelled.append(request_id)
@@ -342,14 +369,15 @@ def test_fake_controller_offers_what_the_real_one_offers_under_the_same_names():
 def test_fake_replica_handle_offers_the_replica_actor_methods():
     from worker.replica import ModelReplicaImpl
 
-    for name in ("chat", "complete", "embed", "stream_chat", "stream_text", "cancel"):
+    for name in ("chat", "complete", "embed", "serve_chat", "serve_text", "pump", "cancel"):
         assert hasattr(ModelReplicaImpl, name)
         assert callable(getattr(FakeReplicaHandle(), name).remote)
 
 
 @pytest.mark.anyio
-async def test_fake_stream_yields_acceptance_then_events_as_refs():
+async def test_fake_serve_sends_acceptance_then_events_then_the_end_over_the_pump():
     handle = FakeReplicaHandle()
-    generator = handle.stream_chat.remote([], {}, "r1")
-    items = [await ref async for ref in generator]
-    assert items[0] == b"" and items[-1].endswith(b"data: [DONE]\n\n")
+    await handle.serve_chat.remote([], {}, "r1", "gateway")
+    batches = [await ref async for ref in handle.pump.remote("gateway")]
+    items = [item for batch in batches for item in batch["r1"]]
+    assert items[0] == b"" and items[-2].endswith(b"data: [DONE]\n\n") and items[-1] is None

@@ -79,11 +79,11 @@ async def test_a_stream_is_forwarded_as_the_replica_sent_it(app, handle):
     assert "".join(json.loads(e)["choices"][0]["delta"].get("content", "") for e in sent[:-1]) == "Hello"
 
 
-async def test_a_text_completion_stream_goes_to_stream_text(app, handle):
+async def test_a_text_completion_stream_goes_to_serve_text(app, handle):
     handle.will(Script(answer=text_answer()))
     assert (await post(app, {"model": MODEL, "prompt": "a"}, "/v1/completions")).json()["object"] == "text_completion"
     await post(app, {"model": MODEL, "prompt": "a", "stream": True}, "/v1/completions")
-    assert [name for name, _ in handle.calls] == ["complete", "stream_text"]
+    assert [name for name, _ in handle.calls] == ["complete", "serve_text"]
 
 
 # ----------------------------------------------------------------------------- refused by the engine
@@ -144,7 +144,7 @@ async def test_a_request_whose_replica_dies_before_answering_goes_to_another_rep
     response = await post(app, {**CHAT, "stream": stream})
     assert response.status_code == 200, response.text
     assert response.headers["x-homefleet-replica"] == f"{MODEL}#1"
-    assert [name for name, _ in other.calls] == ["stream_chat" if stream else "chat"]
+    assert [name for name, _ in other.calls] == ["serve_chat" if stream else "chat"]
     assert controller.died == [(f"{MODEL}#0", "replica process died: ReplicaDied")]
     assert all(r.in_flight == 0 for r in controller.replicas.values())
 

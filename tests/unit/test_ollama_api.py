@@ -53,7 +53,7 @@ async def test_chat_streams_ndjson_pieces_then_done_and_frees_the_slot(client, c
     assert [o["message"]["content"] for o in objects[:-1]] == ["Hel", "lo"]
     assert objects[-1]["done"] is True and objects[-1]["done_reason"] == "stop"
     assert all(isinstance(objects[-1][k], int) for k in ("total_duration", "eval_duration", "prompt_eval_duration"))
-    assert handle.calls[-1][0] == "stream_chat" and in_flight(controller) == 0
+    assert handle.calls[-1][0] == "serve_chat" and in_flight(controller) == 0
 
 
 async def test_chat_without_streaming_is_one_object_with_the_whole_message(client, controller, handle):
@@ -78,7 +78,7 @@ async def test_generate_uses_the_chat_template_and_raw_sends_the_prompt_as_it_is
     templated = await client.post("/api/generate", json={"model": MODEL, "prompt": "Capital?", "system": "Be brief",
                                                          "stream": False})
     assert templated.json()["response"] == " Paris"
-    assert handle.calls[-1][0] == "stream_chat" and handle.calls[-1][1][0][0] == {"role": "system",
+    assert handle.calls[-1][0] == "serve_chat" and handle.calls[-1][1][0][0] == {"role": "system",
                                                                                  "content": "Be brief"}
     handle.will(Script(events=text_events("The", " end", usage={"prompt_tokens": 4, "completion_tokens": 2,
                                                                 "total_tokens": 6})))
@@ -86,7 +86,7 @@ async def test_generate_uses_the_chat_template_and_raw_sends_the_prompt_as_it_is
     objects = lines(raw)
     assert [o["response"] for o in objects] == ["The", " end", ""]
     assert (objects[-1]["prompt_eval_count"], objects[-1]["eval_count"], objects[-1]["done_reason"]) == (4, 2, "length")
-    assert handle.calls[-1][:2] == ("stream_text", ("Once", handle.calls[-1][1][1], handle.calls[-1][1][2]))
+    assert handle.calls[-1][0] == "serve_text" and handle.calls[-1][1][0] == "Once"
 
 
 async def test_keep_alive_reaches_the_models_clock(client, controller):
