@@ -180,12 +180,17 @@ class ModelReplicaImpl:
     def pump(self, consumer: str) -> Iterator[dict]:
         """The consumer's streams, all in one message a tick: {request id: [items]}, each
         stream's items in order: first {"error": ...} or b"" (accepted), then SSE bytes, then
-        None (its end). Ends after PUMP_IDLE_S with no stream of the consumer open."""
-        while True:
-            batch = self.outbox.take(consumer, PUMP_IDLE_S)
-            if batch is None:
-                return
-            yield batch
+        None (its end). Ends after PUMP_IDLE_S with no stream of the consumer open, or when a
+        newer pump of the same consumer starts."""
+        token = self.outbox.attach(consumer)
+        try:
+            while True:
+                batch = self.outbox.take(consumer, PUMP_IDLE_S, token)
+                if batch is None:
+                    return
+                yield batch
+        finally:
+            self.outbox.detach(consumer, token)
 
     def _serve(self, start, sampling: dict, request_id: str, consumer: str) -> None:
         self.outbox.open(consumer, request_id)

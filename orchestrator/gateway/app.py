@@ -59,8 +59,9 @@ def create_app(controller: Controller, config: HomefleetConfig, api_key: str | N
     if listeners is not None:
         listeners.append(metrics.on_event)  # load and copy durations
     router = Router(controller, gateway.queue_per_replica, gateway.load_timeout_s, metrics)
-    app.include_router(openai_routes(controller, router, Relay(controller, router), created=int(time.time())))
-    app.include_router(ollama_routes(controller, router, Relay(controller, router), started_at=time.time()))
+    relay = Relay(controller, router)  # one for both APIs: their streams share each replica's pump
+    app.include_router(openai_routes(controller, router, relay, created=int(time.time())))
+    app.include_router(ollama_routes(controller, router, relay, started_at=time.time()))
     app.include_router(cluster_routes(controller))
     app.include_router(events_routes(controller))
     app.include_router(metrics_routes(metrics))

@@ -45,28 +45,46 @@ class PumpedStream:
             self._items.put_nowait(item)
 
 
-class Pumps:
-    """This gateway's pumps, one per replica with a stream open, started on demand."""
+class _Pump:
+    """One replica's pump: its reader task and the consumer id its streams were opened under."""
 
-    def __init__(self, consumer: str | None = None) -> None:
-        self.consumer = consumer or uuid.uuid4().hex  # who this gateway is to the replicas' outboxes
-        self._streams: dict[str, tuple[str, PumpedStream]] = {}  # request id -> (replica id, stream)
-        self._pumps: dict[str, asyncio.Task] = {}  # replica id -> its pump's reader
+    def __init__(self, handle) -> None:
+        self.handle = handle
+        self.consumer = uuid.uuid4().hex
+        self.task: asyncio.Task | None = None
+        self.streams: set[str] = set()  # request ids open on it
+
+
+class Pumps:
+    """This gateway's pumps, one per replica with a stream open, started on demand. A pump
+    that failed (its replica died, or Ray lost it) gives way to one under a new consumer id:
+    an orphaned pump still running on the replica then has no stream of its own and ends."""
+
+    def __init__(self) -> None:
+        self._streams: dict[str, tuple[_Pump, PumpedStream]] = {}  # request id -> (its pump, stream)
+        self._pumps: dict[int, _Pump] = {}  # id(replica handle) -> its pump (which holds the handle)
         self._watches: set[asyncio.Task] = set()  # the event loop keeps only weak references
 
     def open(self, replica: ReplicaRecord, request_id: str, serve: Callable[[str], Any]) -> PumpedStream:
         """Start the request (`serve(consumer)`: the replica's serve_* call) and return its stream."""
+        pump = self._pumps.get(id(replica.handle))
+        if pump is None or pump.handle is not replica.handle:
+            pump = self._pumps[id(replica.handle)] = _Pump(replica.handle)
         stream = PumpedStream()
-        self._streams[request_id] = (replica.replica_id, stream)
-        self._ensure_pump(replica)
-        watch = asyncio.ensure_future(self._watch(request_id, serve(self.consumer)))
+        self._streams[request_id] = (pump, stream)
+        pump.streams.add(request_id)
+        if pump.task is None or pump.task.done():
+            pump.task = asyncio.ensure_future(self._read(pump))
+        watch = asyncio.ensure_future(self._watch(request_id, serve(pump.consumer)))
         self._watches.add(watch)
         watch.add_done_callback(self._watches.discard)
         return stream
 
     def close(self, request_id: str) -> None:
         """The reader is done with it (what still comes for it is dropped)."""
-        self._streams.pop(request_id, None)
+        entry = self._streams.pop(request_id, None)
+        if entry is not None:
+            entry[0].streams.discard(request_id)
 
     def open_streams(self) -> int:
         return len(self._streams)
@@ -83,29 +101,23 @@ class Pumps:
         if entry is not None:
             entry[1]._put(item)
             if entry[1].ended:
-                self._streams.pop(request_id, None)
+                self.close(request_id)
 
-    def _ensure_pump(self, replica: ReplicaRecord) -> None:
-        task = self._pumps.get(replica.replica_id)
-        if task is None or task.done():
-            self._pumps[replica.replica_id] = asyncio.ensure_future(self._pump(replica))
-
-    async def _pump(self, replica: ReplicaRecord) -> None:
+    async def _read(self, pump: _Pump) -> None:
         try:
-            async for ref in replica.handle.pump.remote(self.consumer):
+            async for ref in pump.handle.pump.remote(pump.consumer):
                 for request_id, items in (await ref).items():
                     for item in items:
                         self._deliver(request_id, item)
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # the replica is gone: so are its streams
-            for request_id in self._on(replica):
+        except Exception as exc:  # the replica is gone (or Ray lost the pump): so are its streams
+            if self._pumps.get(id(pump.handle)) is pump:
+                del self._pumps[id(pump.handle)]  # the next stream opens a pump under a new consumer id
+            for request_id in list(pump.streams):
                 self._deliver(request_id, exc)
-        finally:
-            if self._pumps.get(replica.replica_id) is asyncio.current_task():
-                del self._pumps[replica.replica_id]
-        if self._on(replica):  # it ended idle just as a stream opened: that stream needs one
-            self._ensure_pump(replica)
-
-    def _on(self, replica: ReplicaRecord) -> list[str]:
-        return [rid for rid, (replica_id, _) in self._streams.items() if replica_id == replica.replica_id]
+            return
+        if pump.streams:  # it ended idle just as a stream opened: that stream needs one
+            pump.task = asyncio.ensure_future(self._read(pump))
+        elif self._pumps.get(id(pump.handle)) is pump:
+            del self._pumps[id(pump.handle)]
