@@ -9,14 +9,11 @@ exception (the replica's process died, or its stream failed) is raised to the re
 from __future__ import annotations
 
 import asyncio
-import logging
 import uuid
 from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:
     from orchestrator.controller import ReplicaRecord
-
-log = logging.getLogger(__name__)
 
 END = None  # worker/stream_outbox.py's END
 
