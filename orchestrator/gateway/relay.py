@@ -105,11 +105,6 @@ async def _awaited(ref):
     return await ref
 
 
-async def _next_item(stream):
-    """The next item of a replica's stream (StopAsyncIteration at its end)."""
-    return await stream.__anext__()
-
-
 class Relay:
     def __init__(self, controller: Controller, router: Router, disconnect_poll_s: float = DISCONNECT_POLL_S) -> None:
         self.controller = controller
@@ -190,9 +185,9 @@ class Relay:
         try:
             generator = self.pumps.open(replica, flight.request_id, lambda consumer: start(flight.request_id, consumer))
             if request is not None:
-                first = await self._wait(replica, _next_item(generator), request, flight.request_id)
+                first = await self._wait(replica, anext(generator), request, flight.request_id)
             else:
-                first = await asyncio.wait_for(_next_item(generator), ANSWER_TIMEOUT_S)
+                first = await asyncio.wait_for(anext(generator), ANSWER_TIMEOUT_S)
         except Exception as exc:
             self.pumps.close(flight.request_id)
             flight.failed(exc)
@@ -236,7 +231,7 @@ class Relay:
             request_id = flight.request_id
             try:
                 generator = self.pumps.open(replica, request_id, lambda consumer: start(replica, request_id, consumer))
-                first = await _next_item(generator)
+                first = await anext(generator)
             except Exception as exc:
                 flight.failed(exc)
                 flight.end(served=False)
@@ -260,7 +255,7 @@ class Relay:
         try:
             while True:  # each item within ANSWER_TIMEOUT_S: a stuck replica ends the stream, never hangs it
                 try:
-                    item = await asyncio.wait_for(_next_item(generator), ANSWER_TIMEOUT_S)
+                    item = await asyncio.wait_for(anext(generator), ANSWER_TIMEOUT_S)
                 except StopAsyncIteration:
                     break
                 if flight.first_token_at is None:  # the replica sends its first token at once

@@ -12,10 +12,10 @@ import asyncio
 import uuid
 from typing import TYPE_CHECKING, Any, Callable
 
+from worker.stream_outbox import END
+
 if TYPE_CHECKING:
     from orchestrator.controller import ReplicaRecord
-
-END = None  # worker/stream_outbox.py's END
 
 
 class PumpedStream:
