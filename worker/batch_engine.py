@@ -7,10 +7,11 @@ than `n_batch` tokens a round, so a long prompt delays the running streams by on
 round, never until it ends. With up to 3 sequences in the engine each chunk has a
 `llama_decode` of its own (below, determinism); from 4, the waiting prompts share one,
 which costs one pass over the weights instead of one each (8 prompts, 236 tokens, on 2
-cores: 263 ms instead of 285). An idle engine's first request waits 10 ms for more
-(`_gather_burst`), so that a burst starts together: with both, waves of 8 streams through
-`homefleet up` gave 2.6% more tokens/s, of 4 streams 1.0% (medians of 8 interleaved pairs),
-one stream 0.4% fewer. Each sequence
+cores: 263 ms instead of 285). While requests come in bursts, an idle engine's first
+request waits 10 ms for more (`_gather_burst`), so that a burst starts together: with
+both, waves of 8 streams through `homefleet up` gave 2.6% more tokens/s, of 4 streams 1.0%
+(medians of 8 interleaved pairs), one stream among bursts 0.4% fewer (a lone user's
+requests do not wait). Each sequence
 samples with its own llama.cpp sampler chain (worker/sampler_chain.py) from its own row
 of logits, and turns tokens into text with the single path's assembler (stop strings,
 held-back tails, log-probabilities). No Ray, no OpenAI shapes here.
@@ -59,10 +60,13 @@ from worker.sampler_chain import SamplerChain
 
 log = logging.getLogger(__name__)
 
-# An idle engine's first request waits for the rest of a burst (_gather_burst): up to
-# BURST_GAP_S after each arrival, BURST_GAPS_AT_MOST of them in all. A lone request's first
-# token comes BURST_GAP_S later.
+# While requests come in bursts, an idle engine's first request waits for the rest of its
+# burst (_gather_burst): up to BURST_GAP_S after each arrival, BURST_GAPS_AT_MOST of them in
+# all. Bursts are seen as requests that arrive within BURST_WINDOW_S of the engine leaving
+# idle; BURSTY_FOR_S after the last one, the first request starts at once again (a lone
+# user's requests do not wait).
 BURST_GAP_S, BURST_GAPS_AT_MOST = 0.01, 4
+BURST_WINDOW_S, BURSTY_FOR_S = 0.25, 60.0
 # From this many sequences in a round llama.cpp's CPU matmuls run other kernels than for one
 # (repacked gemm): a request's numbers differ from its solo run's anyway (module docstring).
 BATCHED_KERNELS_FROM = 4
@@ -200,6 +204,8 @@ class BatchedEngine:
         self.prefill_chunk = n_batch - n_slots  # so that a round never holds more than n_batch tokens
         self.min_cache_reuse = min_cache_reuse
         self.burst_gap_s = burst_gap_s
+        self._left_idle_at = -float("inf")  # when the engine last began work from idle
+        self._bursty_until = -float("inf")  # requests come in bursts until then (monotonic)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.model.vocab)
         self.n_swa = int(llama_cpp.llama_model_n_swa(self.model.model))
         threads = n_threads or default_threads()
@@ -263,6 +269,9 @@ class BatchedEngine:
             if self._closing:
                 sampler.close()
                 raise RuntimeError("the engine is closed")
+            now = time.monotonic()
+            if now - self._left_idle_at < BURST_WINDOW_S:  # soon after the last start: a burst
+                self._bursty_until = now + BURSTY_FOR_S
             handle.submitted_step = self.step
             self._queue.append((handle, sampler))
             self._cond.notify()
@@ -359,13 +368,17 @@ class BatchedEngine:
         self._deliver()
 
     def _gather_burst(self) -> None:
-        """An idle engine's first request: wait while more keep coming (each within
-        `burst_gap_s` of the last, BURST_GAPS_AT_MOST gaps in all), so that a burst starts in one round
-        and its prompts are prefilled together. Started at once instead, the first prefill
-        holds every core while the burst's other requests are still on their way (through the
-        gateway, Ray, tokenising), and they trickle in over 40-130 ms on 2 cores, each then
-        prefilled on its own. Holds `_cond`."""
-        deadline = time.monotonic() + BURST_GAPS_AT_MOST * self.burst_gap_s
+        """An idle engine's first request, while requests come in bursts (BURST_WINDOW_S):
+        wait while more keep coming (each within `burst_gap_s` of the last, BURST_GAPS_AT_MOST
+        gaps in all), so that the burst starts in one round and its prompts are prefilled
+        together. Started at once instead, the first prefill holds every core while the
+        burst's other requests are still on their way (through the gateway, Ray, tokenising),
+        and they trickle in over 40-130 ms on 2 cores, each then prefilled on its own. Holds
+        `_cond`."""
+        self._left_idle_at = now = time.monotonic()
+        if now >= self._bursty_until:
+            return
+        deadline = now + BURST_GAPS_AT_MOST * self.burst_gap_s
         while self.burst_gap_s > 0 and not self._closing and len(self._queue) < self.n_slots:
             seen, left = len(self._queue), deadline - time.monotonic()
             if left <= 0:

@@ -302,6 +302,12 @@ def test_two_engines_decoding_at_once_split_the_cores_and_lose_no_token(llama, e
             board.release()
 
 
+def make_bursty(engine, llama) -> None:
+    """Two requests at once: from now on the engine waits for the rest of a burst."""
+    for h in [engine.submit(tokens(llama, p), replace(GREEDY, max_tokens=1)) for p in PROMPTS[:2]]:
+        drain(h)
+
+
 def test_a_burst_of_four_prompts_is_prefilled_in_one_decode_and_of_three_each_alone(llama):
     """From four sequences a round's kernels differ from a solo run's anyway, so prompts
     waiting together share one llama_decode; up to three, each keeps its own (bit-identical
@@ -309,6 +315,7 @@ def test_a_burst_of_four_prompts_is_prefilled_in_one_decode_and_of_three_each_al
     one_token = replace(GREEDY, max_tokens=1)  # the first token comes from the prefill's logits
     # a wide gap: the burst starts in one round however slow this machine is at submitting
     with BatchedEngine(llama, n_ctx_per_slot=256, n_slots=4, n_batch=N_BATCH, burst_gap_s=0.5) as engine:
+        make_bursty(engine, llama)
         for burst, decodes in ((4, 1), (3, 3)):
             engine.clear_cache()
             before = engine.decode_calls
@@ -320,19 +327,23 @@ def test_a_burst_of_four_prompts_is_prefilled_in_one_decode_and_of_three_each_al
             assert all(h.outcome.completion_tokens == 1 for h in handles)
 
 
-def test_an_idle_engine_waits_for_the_rest_of_a_burst_and_only_then(llama):
+def test_an_idle_engine_waits_for_the_rest_of_a_burst_once_requests_come_in_bursts(llama):
     import time
 
-    def admitted(gap_s: float) -> list[int]:
-        with BatchedEngine(llama, n_ctx_per_slot=256, n_slots=4, n_batch=N_BATCH, burst_gap_s=gap_s) as eng:
-            handles = []
-            for p in PROMPTS[:3]:
-                handles.append(eng.submit(tokens(llama, p), replace(GREEDY, max_tokens=2)))
-                time.sleep(0.05)
-            for h in handles:
-                drain(h)
-            return [h.admitted_step for h in handles]
+    def burst(engine) -> list[int]:
+        handles = []
+        for p in PROMPTS[:3]:
+            handles.append(engine.submit(tokens(llama, p), replace(GREEDY, max_tokens=2)))
+            time.sleep(0.05)
+        for h in handles:
+            drain(h)
+        return [h.admitted_step for h in handles]
 
-    assert len(set(admitted(0.5))) == 1  # each came within the gap of the last: one round
-    started = admitted(0.0)  # no gathering: the first starts at once, the others join later rounds
-    assert started[0] < started[1] < started[2]
+    with BatchedEngine(llama, n_ctx_per_slot=256, n_slots=4, n_batch=N_BATCH, burst_gap_s=0.5) as engine:
+        started = time.monotonic()
+        drain(engine.submit(tokens(llama, PROMPTS[0]), replace(GREEDY, max_tokens=2)))
+        assert time.monotonic() - started < 0.5  # a lone request starts at once: no gap to wait out
+        time.sleep(0.3)
+        first = burst(engine)
+        assert first[0] < first[1]  # not yet known for bursts: the first started alone
+        assert len(set(burst(engine))) == 1  # now the engine waited for the rest: one round
