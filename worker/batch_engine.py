@@ -10,8 +10,8 @@ which costs one pass over the weights instead of one each (8 prompts, 236 tokens
 cores: 263 ms instead of 285). While requests come in bursts, an idle engine's first
 request waits 10 ms for more (`_gather_burst`), so that a burst starts together: with
 both, waves of 8 streams through `homefleet up` gave 2.6% more tokens/s, of 4 streams 1.0%
-(medians of 8 interleaved pairs), one stream among bursts 0.4% fewer (a lone user's
-requests do not wait). Each sequence
+(medians of 8 interleaved pairs), one stream among bursts 0.4% fewer (one request at a
+time never waits). Each sequence
 samples with its own llama.cpp sampler chain (worker/sampler_chain.py) from its own row
 of logits, and turns tokens into text with the single path's assembler (stop strings,
 held-back tails, log-probabilities). No Ray, no OpenAI shapes here.
@@ -27,7 +27,8 @@ graph per run of consecutive slot ids), is had by choosing slots that keep the b
 together (orchestrator/core/slots.py).
 
 Determinism: with at most 3 sequences in the engine, prompt chunks have the same
-boundaries whatever else runs, and a round with at most 3 generating sequences runs the
+boundaries whatever else runs (a long prompt that shared a round with 4 or more keeps the
+boundaries it got there), and a round with at most 3 generating sequences runs the
 same CPU kernels as a round with one, so such a
 request gives bit-identical logits (and text, for a seed) alone or beside others, given
 the same prompt-cache state. From 4 tokens in a round llama.cpp's CPU matmuls switch to
@@ -62,9 +63,9 @@ log = logging.getLogger(__name__)
 
 # While requests come in bursts, an idle engine's first request waits for the rest of its
 # burst (_gather_burst): up to BURST_GAP_S after each arrival, BURST_GAPS_AT_MOST of them in
-# all. Bursts are seen as requests that arrive within BURST_WINDOW_S of the engine leaving
-# idle; BURSTY_FOR_S after the last one, the first request starts at once again (a lone
-# user's requests do not wait).
+# all. A burst is seen when a request joins work that began (from idle) less than
+# BURST_WINDOW_S before; BURSTY_FOR_S after the last one, the first request starts at once
+# again: one request at a time never waits.
 BURST_GAP_S, BURST_GAPS_AT_MOST = 0.01, 4
 BURST_WINDOW_S, BURSTY_FOR_S = 0.25, 60.0
 # From this many sequences in a round llama.cpp's CPU matmuls run other kernels than for one
@@ -270,8 +271,8 @@ class BatchedEngine:
                 sampler.close()
                 raise RuntimeError("the engine is closed")
             now = time.monotonic()
-            if now - self._left_idle_at < BURST_WINDOW_S:  # soon after the last start: a burst
-                self._bursty_until = now + BURSTY_FOR_S
+            if (self._queue or self.active) and now - self._left_idle_at < BURST_WINDOW_S:
+                self._bursty_until = now + BURSTY_FOR_S  # it joins what began moments ago: a burst
             handle.submitted_step = self.step
             self._queue.append((handle, sampler))
             self._cond.notify()
@@ -346,12 +347,14 @@ class BatchedEngine:
                 self._deliver()
                 self._share_cores(idle=True)
             with self._cond:
+                waited = False
                 while not self._closing and not self._queue and not self._chores and self.active == 0:
                     self._cond.wait()
+                    waited = True
+                if waited and self._queue and not self._closing:  # the first request after a rest
+                    self._gather_burst()
                 if self._closing:
                     break
-                if self.active == 0 and self._queue:
-                    self._gather_burst()
                 chores, self._chores = self._chores, []
             try:
                 for chore in chores:

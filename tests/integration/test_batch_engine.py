@@ -303,9 +303,15 @@ def test_two_engines_decoding_at_once_split_the_cores_and_lose_no_token(llama, e
 
 
 def make_bursty(engine, llama) -> None:
-    """Two requests at once: from now on the engine waits for the rest of a burst."""
-    for h in [engine.submit(tokens(llama, p), replace(GREEDY, max_tokens=1)) for p in PROMPTS[:2]]:
-        drain(h)
+    """A request that joins one begun moments before: from now on the engine waits for the
+    rest of a burst."""
+    import time
+
+    first = engine.submit(tokens(llama, PROMPTS[0]), replace(GREEDY, max_tokens=16))
+    while first.admitted_step < 0:
+        time.sleep(0.001)
+    drain(engine.submit(tokens(llama, PROMPTS[1]), replace(GREEDY, max_tokens=1)))
+    drain(first)
 
 
 def test_a_burst_of_four_prompts_is_prefilled_in_one_decode_and_of_three_each_alone(llama):
@@ -332,17 +338,18 @@ def test_an_idle_engine_waits_for_the_rest_of_a_burst_once_requests_come_in_burs
 
     def burst(engine) -> list[int]:
         handles = []
-        for p in PROMPTS[:3]:
-            handles.append(engine.submit(tokens(llama, p), replace(GREEDY, max_tokens=2)))
-            time.sleep(0.05)
+        for p in PROMPTS[:3]:  # each joins while the first still runs (12 tokens)
+            handles.append(engine.submit(tokens(llama, p), replace(GREEDY, max_tokens=12)))
+            time.sleep(0.02)
         for h in handles:
             drain(h)
         return [h.admitted_step for h in handles]
 
-    with BatchedEngine(llama, n_ctx_per_slot=256, n_slots=4, n_batch=N_BATCH, burst_gap_s=0.5) as engine:
-        started = time.monotonic()
-        drain(engine.submit(tokens(llama, PROMPTS[0]), replace(GREEDY, max_tokens=2)))
-        assert time.monotonic() - started < 0.5  # a lone request starts at once: no gap to wait out
+    with BatchedEngine(llama, n_ctx_per_slot=256, n_slots=4, n_batch=N_BATCH, burst_gap_s=2.0) as engine:
+        for _ in range(2):
+            started = time.monotonic()
+            drain(engine.submit(tokens(llama, PROMPTS[0]), replace(GREEDY, max_tokens=2)))
+            assert time.monotonic() - started < 2.0  # one at a time: no gap to wait out
         time.sleep(0.3)
         first = burst(engine)
         assert first[0] < first[1]  # not yet known for bursts: the first started alone
