@@ -379,10 +379,10 @@ class BatchedEngine:
         and they trickle in over 40-130 ms on 2 cores, each then prefilled on its own. Holds
         `_cond`."""
         self._left_idle_at = now = time.monotonic()
-        if now >= self._bursty_until:
+        if now >= self._bursty_until or self.burst_gap_s <= 0:
             return
         deadline = now + BURST_GAPS_AT_MOST * self.burst_gap_s
-        while self.burst_gap_s > 0 and not self._closing and len(self._queue) < self.n_slots:
+        while not self._closing and len(self._queue) < self.n_slots:
             seen, left = len(self._queue), deadline - time.monotonic()
             if left <= 0:
                 return
