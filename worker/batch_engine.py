@@ -53,7 +53,7 @@ from typing import Iterator
 
 import numpy as np
 
-from orchestrator.core.slots import MIN_REUSE_TOKENS, SlotSnapshot, choose_slot
+from orchestrator.core.slots import MIN_REUSE_TOKENS, SlotSnapshot, assign_slots
 from worker.cpu_share import CpuBoard, shared_threads
 from worker.generation import GenerationCancelled, Outcome, Piece, SamplingParams, StopCheck, _TextAssembler
 from worker.generation import TokenPieces, token_logprob
@@ -467,30 +467,39 @@ class BatchedEngine:
             self._emit(handle, "cancelled" if verdict == "cancelled" else "end")
 
     def _admit(self) -> None:
-        llama_cpp = self._llama_cpp
-        while True:
-            idle = [s for s in self.slots if s.seq is None]
-            with self._cond:
-                if not idle or not self._queue:
-                    return
-                handle, sampler = self._queue.popleft()
+        """Seat waiting requests, first come first served, in the idle slots; those that
+        start together choose their slots together (orchestrator/core/slots.py)."""
+        idle = [s for s in self.slots if s.seq is None]
+        with self._cond:
+            starting = [self._queue.popleft() for _ in range(min(len(idle), len(self._queue)))]
+        if not starting:
+            return
+        seated = 0
+        try:
             snapshots = [SlotSnapshot(s.id, s.tokens, s.last_used, self._oldest_pos(s)) for s in idle]
             busy = [s.id for s in self.slots if s.seq is not None]
-            choice = choose_slot(snapshots, handle.prompt, self.n_swa, busy, self.min_cache_reuse)
-            slot = self.slots[choice.slot_id]
-            reused = choice.reused_tokens
-            if not llama_cpp.llama_memory_seq_rm(self.memory, slot.id, reused, -1):
-                reused = 0
-                llama_cpp.llama_memory_seq_rm(self.memory, slot.id, -1, -1)
-            del slot.tokens[reused:]
-            self._admitted += 1
-            slot.seq = _Sequence(handle, slot, sampler, _TextAssembler(handle.params.stop), handle.prompt[reused:],
-                                 self._admitted)
-            handle.admitted_step = self.step
-            handle.outcome.cached_tokens = reused
-            handle.outcome.slot = slot.id
-            self.stats["cached_tokens"] += reused
-            self.stats["requests"] += 1
+            choices = assign_slots(snapshots, [handle.prompt for handle, _ in starting], self.n_swa, busy,
+                                   self.min_cache_reuse)
+            for (handle, sampler), choice in zip(starting, choices):
+                self._seat(handle, sampler, self.slots[choice.slot_id], choice.reused_tokens)
+                seated += 1
+        finally:  # on a failure the rest wait again, where _fail_all finds them
+            with self._cond:
+                self._queue.extendleft(reversed(starting[seated:]))
+
+    def _seat(self, handle: SequenceHandle, sampler: SamplerChain, slot: _Slot, reused: int) -> None:
+        if not self._llama_cpp.llama_memory_seq_rm(self.memory, slot.id, reused, -1):
+            reused = 0
+            self._llama_cpp.llama_memory_seq_rm(self.memory, slot.id, -1, -1)
+        del slot.tokens[reused:]
+        self._admitted += 1
+        slot.seq = _Sequence(handle, slot, sampler, _TextAssembler(handle.params.stop), handle.prompt[reused:],
+                             self._admitted)
+        handle.admitted_step = self.step
+        handle.outcome.cached_tokens = reused
+        handle.outcome.slot = slot.id
+        self.stats["cached_tokens"] += reused
+        self.stats["requests"] += 1
 
     def _oldest_pos(self, slot: _Slot) -> int:
         if not slot.tokens:

@@ -10,7 +10,8 @@ So: a slot whose reusable prefix is at least `min_reuse` tokens wins, the longes
 a shorter prefix counts only where taking that slot adds no more runs than the best
 alternative would. Then the slot that adds the fewest runs (filling a hole first), then
 the one whose cache loses the fewest tokens (an empty slot loses none), then the least
-recently used.
+recently used. Requests that start in the same round choose together (`assign_slots`), so
+that one does not take the slot holding another's prompt.
 
 A prefix is only reusable where the slot still holds what the next token attends to: a
 model with sliding-window attention keeps only the last `n_swa` positions of its SWA
@@ -68,15 +69,51 @@ def runs(ids: Collection[int]) -> int:
 def choose_slot(idle: Sequence[SlotSnapshot], prompt: Sequence[int], n_swa: int = 0, busy: Collection[int] = (),
                 min_reuse: int = MIN_REUSE_TOKENS) -> SlotChoice | None:
     """The idle slot for `prompt` (see the module's rules); None when no slot is idle."""
-    if not idle:
-        return None
+    return assign_slots(idle, [prompt], n_swa, busy, min_reuse)[0] if idle else None
+
+
+def assign_slots(idle: Sequence[SlotSnapshot], prompts: Sequence[Sequence[int]], n_swa: int = 0,
+                 busy: Collection[int] = (), min_reuse: int = MIN_REUSE_TOKENS) -> list[SlotChoice]:
+    """Slots for requests that start together (`prompts`, no more than `idle`), in
+    `prompts`' order. Which slots: each request in turn by the module's rules, beside the
+    slots busy and those chosen before it; those with a prefix of at least `min_reuse`
+    first, the longest first, then the queue's order. Who sits where: the runs of busy
+    slots depend on that set alone, so within it the longest prefixes are matched first.
+    Taken one by one in queue order instead, a burst's newcomer that shares only a chat
+    template's opening with a slot takes the slot that holds another waiting request's
+    whole prompt, which is then prefilled again."""
+    if len(prompts) > len(idle):
+        raise ValueError(f"{len(prompts)} requests for {len(idle)} idle slots")
+    reuse = [{s.slot_id: reusable_prefix(s, prompt, n_swa) for s in idle} for prompt in prompts]
+    longest = [max(r.values(), default=0) for r in reuse]
+    # those with a prefix worth a run of its own first, the longest first; then the queue's order
+    order = sorted(range(len(prompts)), key=lambda i: -longest[i] if longest[i] >= min_reuse else 0)
+    left, taken = list(idle), set(busy)
+    first_choice: dict[int, int] = {}  # request -> the slot the rules gave it
+    for i in order:
+        best = _best_slot(left, reuse[i], taken, min_reuse)
+        first_choice[i] = best.slot_id
+        left.remove(best)
+        taken.add(best.slot_id)
+    pairs = sorted(((i, slot) for i in first_choice for slot in first_choice.values()),
+                   key=lambda p: (-reuse[p[0]][p[1]], first_choice[p[0]] != p[1]))
+    seat: dict[int, int] = {}  # request -> its slot
+    seated: set[int] = set()
+    for i, slot in pairs:
+        if i not in seat and slot not in seated:
+            seat[i] = slot
+            seated.add(slot)
+    return [SlotChoice(seat[i], reuse[i][seat[i]]) for i in range(len(prompts))]  # what it holds is reused anyway
+
+
+def _best_slot(idle: Sequence[SlotSnapshot], reuse: dict[int, int], busy: Collection[int],
+               min_reuse: int) -> SlotSnapshot:
     added = {s.slot_id: runs({*busy, s.slot_id}) for s in idle}
     fewest = min(added.values())
 
     def key(slot: SlotSnapshot) -> tuple:
-        reused = reusable_prefix(slot, prompt, n_swa)
+        reused = reuse[slot.slot_id]
         counted = reused if reused >= min_reuse or added[slot.slot_id] == fewest else 0
         return (-counted, added[slot.slot_id], len(slot.tokens) - counted, slot.last_used)
 
-    best = min(idle, key=key)
-    return SlotChoice(best.slot_id, reusable_prefix(best, prompt, n_swa))  # what it holds is reused all the same
+    return min(idle, key=key)

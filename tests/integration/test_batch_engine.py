@@ -354,3 +354,29 @@ def test_an_idle_engine_waits_for_the_rest_of_a_burst_once_requests_come_in_burs
         first = burst(engine)
         assert first[0] < first[1]  # not yet known for bursts: the first started alone
         assert len(set(burst(engine))) == 1  # now the engine waited for the rest: one round
+
+
+def test_a_burst_seats_each_returning_chat_where_its_history_is_cached(llama):
+    """Two chats' next turns and a new chat (first in the queue, and sharing the chat
+    template's opening with both) start in one round: each returning chat is served from
+    its own slot's cache."""
+    formatter = choose_formatter(llama, None)
+
+    def chat(text: str) -> list[int]:
+        return tokenize_prompt(llama, formatter.render([{"role": "user", "content": text}]))
+
+    one_token = replace(GREEDY, max_tokens=1)
+    first_turns = [chat(f"{topic} Tell me everything about it, from its history to the present day, in detail.")
+                   for topic in ("I keep bees on a roof in the city.", "My grandmother grew tomatoes in a glass house.")]
+    with BatchedEngine(llama, n_ctx_per_slot=256, n_slots=4, n_batch=N_BATCH, burst_gap_s=0.5) as engine:
+        make_bursty(engine, llama)
+        engine.clear_cache()
+        for h in [engine.submit(p, one_token) for p in first_turns]:
+            drain(h)
+        new_chat = chat("What is the tallest mountain in Europe? Answer in one word only, please.")
+        handles = [engine.submit(p, one_token) for p in (new_chat, *first_turns)]
+        for h in handles:
+            drain(h)
+    assert len({h.admitted_step for h in handles}) == 1, [h.admitted_step for h in handles]
+    assert [h.outcome.cached_tokens for h in handles[1:]] == [len(p) - 1 for p in first_turns]
+    assert handles[0].outcome.cached_tokens < 8  # no more than the template's opening

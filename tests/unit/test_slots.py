@@ -1,6 +1,6 @@
 import pytest
 
-from orchestrator.core.slots import SlotChoice, SlotSnapshot, choose_slot, reusable_prefix, runs
+from orchestrator.core.slots import SlotChoice, SlotSnapshot, assign_slots, choose_slot, reusable_prefix, runs
 
 PROMPT = list(range(100, 200))  # 100 tokens
 
@@ -57,3 +57,31 @@ def test_runs_count_maximal_stretches_of_consecutive_slot_ids(ids, expected):
 def test_with_no_slot_busy_any_reusable_prefix_counts():
     idle = [slot(0, PROMPT[:5] + [1] * 20), slot(1), slot(2)]
     assert choose_slot(idle, PROMPT, min_reuse=16) == SlotChoice(0, 5)
+
+
+def test_requests_that_start_together_each_find_the_slot_that_holds_their_prompt():
+    """A newcomer first in the queue shares a template's opening with every slot; taken one
+    by one it would take the slot of a waiting request's whole prompt."""
+    opening = [1, 2, 3, 4, 5]
+    a, b, new = opening + list(range(10, 50)), opening + list(range(60, 100)), opening + list(range(200, 240))
+    idle = [slot(0, a + [7] * 9, last_used=1), slot(1, b + [8] * 9, last_used=2), slot(2), slot(3)]
+    assert assign_slots(idle, [new, b, a], min_reuse=16) == [SlotChoice(2, 0), SlotChoice(1, 44), SlotChoice(0, 44)]
+
+
+def test_a_short_prefix_keeps_its_slot_when_the_requests_fill_every_idle_slot():
+    """Below min_reuse a prefix yields to a run of busy slots, but where the requests take
+    every idle slot the runs are the same whoever sits where."""
+    a, b, c, d = (list(range(k, k + 34)) for k in (100, 200, 300, 400))
+    idle = [slot(0, a[:31]), slot(1, b[:31]), slot(2, c), slot(3, d)]
+    prompts = [c + [1], d + [1], a[:31] + [1], b[:31] + [1]]  # a and b reuse 31 tokens, c and d 34
+    assert assign_slots(idle, prompts, min_reuse=32) == [SlotChoice(2, 34), SlotChoice(3, 34), SlotChoice(0, 31),
+                                                         SlotChoice(1, 31)]
+
+
+def test_the_slots_of_requests_that_start_together_keep_the_busy_ones_together():
+    """Without a prefix worth a run of its own, requests choose in queue order: the first
+    fills the hole beside the busy slots, which then makes the second's short prefix free."""
+    idle = [slot(0, PROMPT[:20]), slot(1), slot(4), slot(5)]
+    assert assign_slots(idle, [[1] * 30, PROMPT], busy=(2, 3), min_reuse=32) == [SlotChoice(1, 0), SlotChoice(0, 20)]
+    with pytest.raises(ValueError, match="3 requests for 2 idle slots"):
+        assign_slots(idle[:2], [PROMPT] * 3)
