@@ -6,12 +6,14 @@ each slot its own KV stream and decodes a round in one graph per run of consecut
 slot ids, so a busy set {0, 2, 5} costs three graphs a round where {0, 1, 2} costs one
 (measured on 2 CPU cores, Gemma 3 270M: 4 tokens in one graph 33 ms, in four 42 ms).
 
-So: a slot whose reusable prefix is at least `min_reuse` tokens wins, the longest first;
-a shorter prefix counts only where taking that slot adds no more runs than the best
-alternative would. Then the slot that adds the fewest runs (filling a hole first), then
-the one whose cache loses the fewest tokens (an empty slot loses none), then the least
-recently used. Requests that start in the same round choose together (`assign_slots`), so
-that one does not take the slot holding another's prompt.
+So: a slot whose reusable prefix is at least `min_reuse` tokens wins, the longest first.
+Then the slot that adds the fewest runs (filling a hole first), then the one whose cache
+loses the fewest tokens beyond the reused prefix (an empty slot loses none), then the
+longer prefix, then the least recently used. So a short prefix never evicts a cache: Open
+WebUI's title and tag requests share only the chat template's opening with the chat
+beside them, and taking the chat's slot would prefill its whole history again next turn.
+Requests that start in the same round choose together (`assign_slots`), so that one does
+not take the slot holding another's prompt.
 
 A prefix is only reusable where the slot still holds what the next token attends to: a
 model with sliding-window attention keeps only the last `n_swa` positions of its SWA
@@ -108,12 +110,9 @@ def assign_slots(idle: Sequence[SlotSnapshot], prompts: Sequence[Sequence[int]],
 
 def _best_slot(idle: Sequence[SlotSnapshot], reuse: dict[int, int], busy: Collection[int],
                min_reuse: int) -> SlotSnapshot:
-    added = {s.slot_id: runs({*busy, s.slot_id}) for s in idle}
-    fewest = min(added.values())
-
     def key(slot: SlotSnapshot) -> tuple:
         reused = reuse[slot.slot_id]
-        counted = reused if reused >= min_reuse or added[slot.slot_id] == fewest else 0
-        return (-counted, added[slot.slot_id], len(slot.tokens) - counted, slot.last_used)
+        return (-reused if reused >= min_reuse else 0, runs({*busy, slot.slot_id}), len(slot.tokens) - reused,
+                -reused, slot.last_used)
 
     return min(idle, key=key)

@@ -380,3 +380,22 @@ def test_a_burst_seats_each_returning_chat_where_its_history_is_cached(llama):
     assert len({h.admitted_step for h in handles}) == 1, [h.admitted_step for h in handles]
     assert [h.outcome.cached_tokens for h in handles[1:]] == [len(p) - 1 for p in first_turns]
     assert handles[0].outcome.cached_tokens < 8  # no more than the template's opening
+
+
+def test_a_tag_request_between_turns_leaves_the_chat_its_cache(engine, llama):
+    """Open WebUI asks for a chat's tags after each answer: that prompt shares only the chat
+    template's opening with the chat, and takes another slot, so the next turn still finds
+    its history cached."""
+    engine.clear_cache()
+    formatter = choose_formatter(llama, None)
+    messages = [{"role": "user", "content": "Name a fruit and say where it grows."}]
+    first = tokenize_prompt(llama, formatter.render(messages))
+    answer, _ = drain(engine.submit(first, replace(GREEDY, max_tokens=12)))
+    tags = tokenize_prompt(llama, formatter.render([{"role": "user", "content": (
+        f"### Task: Generate 1-3 broad tags for this chat as JSON.\n### Chat History:\nUSER: {messages[0]['content']}"
+        f"\nASSISTANT: {answer}")}]))
+    drain(engine.submit(tags, replace(GREEDY, max_tokens=8)))
+    messages += [{"role": "assistant", "content": answer}, {"role": "user", "content": "And another?"}]
+    second = engine.submit(tokenize_prompt(llama, formatter.render(messages)), replace(GREEDY, max_tokens=4))
+    drain(second)
+    assert second.outcome.cached_tokens >= len(first) + 8

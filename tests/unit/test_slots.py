@@ -17,7 +17,7 @@ def slot(slot_id: int, tokens=(), last_used: int = 0, oldest_pos: int = 0) -> Sl
         ([slot(1, PROMPT[:40]), slot(6, PROMPT[:80])], (2, 3), SlotChoice(6, 80)),
         # never the whole prompt: its last token is decoded again for the first answer token's logits
         ([slot(2, PROMPT + [7, 8])], (), SlotChoice(2, 99)),
-        # a short prefix counts only where it adds no run of busy slots
+        # a short prefix never outweighs a new run of busy slots; a long one does
         ([slot(1, PROMPT[:5]), slot(6, PROMPT[:12])], (2, 3), SlotChoice(1, 5)),
         ([slot(1, [9] * 5), slot(6, PROMPT[:12])], (2, 3), SlotChoice(1, 0)),
         ([slot(1, [9] * 5), slot(6, PROMPT[:20])], (2, 3), SlotChoice(6, 20)),
@@ -54,9 +54,15 @@ def test_runs_count_maximal_stretches_of_consecutive_slot_ids(ids, expected):
     assert runs(ids) == expected
 
 
-def test_with_no_slot_busy_any_reusable_prefix_counts():
-    idle = [slot(0, PROMPT[:5] + [1] * 20), slot(1), slot(2)]
-    assert choose_slot(idle, PROMPT, min_reuse=16) == SlotChoice(0, 5)
+def test_a_short_prefix_never_evicts_a_cache_but_is_reused_where_nothing_is_lost():
+    """A tag request beside a chat shares only the template's opening with it: it takes an
+    empty slot, not the chat's (whose history would be prefilled again at the next turn)."""
+    chat = PROMPT[:5] + [1] * 200
+    assert choose_slot([slot(0, chat), slot(1), slot(2)], PROMPT, min_reuse=16) == SlotChoice(1, 0)
+    assert choose_slot([slot(0, chat), slot(1, PROMPT[:5]), slot(2)], PROMPT, min_reuse=16) == SlotChoice(1, 5)
+    # every slot holds something: the one that loses least, what a short prefix saves counted
+    held = [slot(0, chat), slot(1, [2] * 30), slot(2, PROMPT[:5] + [3] * 27)]
+    assert choose_slot(held, PROMPT, min_reuse=16) == SlotChoice(2, 5)
 
 
 def test_requests_that_start_together_each_find_the_slot_that_holds_their_prompt():
