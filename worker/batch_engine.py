@@ -36,8 +36,9 @@ other kernels (repacked gemm), whose rounding differs (0.1-0.3 in a top log-prob
 on Gemma 3 270M), so text can fork where two tokens nearly tie; llama-server is the same.
 
 Prompt cache: every slot remembers the tokens its KV holds; a new request takes the idle
-slot chosen by orchestrator/core/slots.py (longest reusable prefix, else keep busy slots
-together), the rest of that sequence's KV is removed and only the suffix is prefilled.
+slot chosen by orchestrator/core/slots.py (a long reusable prefix, else keep busy slots
+together and evict the least; requests admitted in one round choose together), the rest
+of that sequence's KV is removed and only the suffix is prefilled.
 Requests beyond the slots wait in a FIFO queue; the caller bounds it (`queued`).
 """
 
