@@ -9,9 +9,10 @@ slot ids, so a busy set {0, 2, 5} costs three graphs a round where {0, 1, 2} cos
 So: a slot whose reusable prefix is at least `min_reuse` tokens wins, the longest first.
 Then the slot that adds the fewest runs (filling a hole first), then the one whose cache
 loses the fewest tokens beyond the reused prefix (an empty slot loses none), then the
-longer prefix, then the least recently used. So a short prefix never evicts a cache: Open
-WebUI's title and tag requests share only the chat template's opening with the chat
-beside them, and taking the chat's slot would prefill its whole history again next turn.
+longer prefix, then the least recently used. So a short prefix never costs a cache more
+than the slot beside it would: Open WebUI's title and tag requests share only the chat
+template's opening with the chat beside them, and taking the chat's slot would prefill its
+whole history again next turn.
 Requests that start in the same round choose together (`assign_slots`), so that one does
 not take the slot holding another's prompt.
 
@@ -97,15 +98,35 @@ def assign_slots(idle: Sequence[SlotSnapshot], prompts: Sequence[Sequence[int]],
         first_choice[i] = best.slot_id
         left.remove(best)
         taken.add(best.slot_id)
+    seat = _most_reuse(first_choice, reuse)
+    return [SlotChoice(seat[i], reuse[i][seat[i]]) for i in range(len(prompts))]  # what it holds is reused anyway
+
+
+def _most_reuse(first_choice: dict[int, int], reuse: list[dict[int, int]]) -> dict[int, int]:
+    """Requests matched to the slots of `first_choice` for the most tokens reused: the
+    longest prefixes first (the best matching where prefixes nest, as they do without a
+    sliding window), or the rules' own seating where that reuses more; then any two
+    requests swap slots while that reuses more (a sliding window can make a shorter
+    prefix the only reusable one)."""
+    def total(seat: dict[int, int]) -> int:
+        return sum(reuse[i][slot] for i, slot in seat.items())
+
     pairs = sorted(((i, slot) for i in first_choice for slot in first_choice.values()),
                    key=lambda p: (-reuse[p[0]][p[1]], first_choice[p[0]] != p[1]))
-    seat: dict[int, int] = {}  # request -> its slot
-    seated: set[int] = set()
+    greedy: dict[int, int] = {}
     for i, slot in pairs:
-        if i not in seat and slot not in seated:
-            seat[i] = slot
-            seated.add(slot)
-    return [SlotChoice(seat[i], reuse[i][seat[i]]) for i in range(len(prompts))]  # what it holds is reused anyway
+        if i not in greedy and slot not in greedy.values():
+            greedy[i] = slot
+    seat = greedy if total(greedy) > total(first_choice) else dict(first_choice)
+    better = True
+    while better:
+        better = False
+        for a in seat:
+            for b in seat:
+                if reuse[a][seat[b]] + reuse[b][seat[a]] > reuse[a][seat[a]] + reuse[b][seat[b]]:
+                    seat[a], seat[b] = seat[b], seat[a]
+                    better = True  # each swap adds reuse: this ends
+    return seat
 
 
 def _best_slot(idle: Sequence[SlotSnapshot], reuse: dict[int, int], busy: Collection[int],

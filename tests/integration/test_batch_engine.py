@@ -368,10 +368,15 @@ def test_a_burst_seats_each_returning_chat_where_its_history_is_cached(llama):
     one_token = replace(GREEDY, max_tokens=1)
     first_turns = [chat(f"{topic} Tell me everything about it, from its history to the present day, in detail.")
                    for topic in ("I keep bees on a roof in the city.", "My grandmother grew tomatoes in a glass house.")]
+    # longer prompts beside them: every slot then holds a cache, the chats' the least to lose,
+    # so the newcomer alone would take a chat's slot
+    others = [chat(f"{topic} Describe it step by step, with every tool, every season and every mistake a "
+                   f"beginner makes, the costs, the neighbours' complaints and what to read next.")
+              for topic in ("I want to build a boat in my garage.", "I want to learn the cello at sixty.")]
     with BatchedEngine(llama, n_ctx_per_slot=256, n_slots=4, n_batch=N_BATCH, burst_gap_s=0.5) as engine:
         make_bursty(engine, llama)
         engine.clear_cache()
-        for h in [engine.submit(p, one_token) for p in first_turns]:
+        for h in [engine.submit(p, one_token) for p in (*first_turns, *others)]:
             drain(h)
         new_chat = chat("What is the tallest mountain in Europe? Answer in one word only, please.")
         handles = [engine.submit(p, one_token) for p in (new_chat, *first_turns)]

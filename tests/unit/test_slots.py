@@ -70,7 +70,10 @@ def test_requests_that_start_together_each_find_the_slot_that_holds_their_prompt
     by one it would take the slot of a waiting request's whole prompt."""
     opening = [1, 2, 3, 4, 5]
     a, b, new = opening + list(range(10, 50)), opening + list(range(60, 100)), opening + list(range(200, 240))
-    idle = [slot(0, a + [7] * 9, last_used=1), slot(1, b + [8] * 9, last_used=2), slot(2), slot(3)]
+    # every slot holds a cache; the chats' lose least, so the newcomer alone would take one
+    idle = [slot(0, a + [7] * 9, last_used=1), slot(1, b + [8] * 9, last_used=2), slot(2, [9] * 100),
+            slot(3, [9] * 100)]
+    assert choose_slot(idle, new, min_reuse=16) == SlotChoice(0, 5)
     assert assign_slots(idle, [new, b, a], min_reuse=16) == [SlotChoice(2, 0), SlotChoice(1, 44), SlotChoice(0, 44)]
 
 
@@ -91,3 +94,13 @@ def test_the_slots_of_requests_that_start_together_keep_the_busy_ones_together()
     assert assign_slots(idle, [[1] * 30, PROMPT], busy=(2, 3), min_reuse=32) == [SlotChoice(1, 0), SlotChoice(0, 20)]
     with pytest.raises(ValueError, match="3 requests for 2 idle slots"):
         assign_slots(idle[:2], [PROMPT] * 3)
+
+
+def test_with_a_sliding_window_the_seating_reuses_the_most_in_all():
+    """Slot 1 lost the start of y's window: y reuses 15 tokens in slot 0 and none in slot 1,
+    x 20 in slot 0 or 18 in slot 1. The longest prefix first would reuse 20 in all; y in
+    slot 0 and x in slot 1 reuse 33."""
+    base = list(range(1000, 1100))
+    x, y = base[:20] + [1] * 5, base[:15] + [2] * 5
+    idle = [slot(0, base[:20] + [9]), slot(1, base[:18], oldest_pos=8)]
+    assert assign_slots(idle, [y, x], n_swa=10, min_reuse=32) == [SlotChoice(0, 15), SlotChoice(1, 18)]
