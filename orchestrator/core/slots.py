@@ -7,10 +7,10 @@ slot ids, so a busy set {0, 2, 5} costs three graphs a round where {0, 1, 2} cos
 (measured on 2 CPU cores, Gemma 3 270M: 4 tokens in one graph 33 ms, in four 42 ms).
 
 So: a slot whose reusable prefix is at least `min_reuse` tokens wins, the longest first.
-Then the slot that adds the fewest runs (filling a hole first), then the one whose cache
-loses the fewest tokens beyond the reused prefix (an empty slot loses none), then the
-longer prefix, then the least recently used. So a short prefix never costs a cache more
-than the slot beside it would: Open WebUI's title and tag requests share only the chat
+Then the slot that adds the fewest runs (filling a hole first), then the one where the
+prefix reused most outweighs the cache lost beyond it (an empty slot: neither), then the
+longer prefix, then the least recently used. So a short prefix never takes a slot whose
+cache is worth more than it saves: Open WebUI's title and tag requests share only the chat
 template's opening with the chat beside them, and taking the chat's slot would prefill its
 whole history again next turn.
 Requests that start in the same round choose together (`assign_slots`), so that one does
@@ -133,7 +133,8 @@ def _best_slot(idle: Sequence[SlotSnapshot], reuse: dict[int, int], busy: Collec
                min_reuse: int) -> SlotSnapshot:
     def key(slot: SlotSnapshot) -> tuple:
         reused = reuse[slot.slot_id]
-        return (-reused if reused >= min_reuse else 0, runs({*busy, slot.slot_id}), len(slot.tokens) - reused,
-                -reused, slot.last_used)
+        lost = len(slot.tokens) - reused
+        return (-reused if reused >= min_reuse else 0, runs({*busy, slot.slot_id}), lost - reused, -reused,
+                slot.last_used)
 
     return min(idle, key=key)

@@ -63,6 +63,9 @@ def test_a_short_prefix_never_evicts_a_cache_but_is_reused_where_nothing_is_lost
     # every slot holds something: the one that loses least, what a short prefix saves counted
     held = [slot(0, chat), slot(1, [2] * 30), slot(2, PROMPT[:5] + [3] * 27)]
     assert choose_slot(held, PROMPT, min_reuse=16) == SlotChoice(2, 5)
+    # a short chat's next turn keeps its slot though the answer, tokenized again, differs at the end
+    short_chat = slot(0, PROMPT[:12] + [4, 4, 4])
+    assert choose_slot([slot(1), short_chat], PROMPT, min_reuse=16) == SlotChoice(0, 12)
 
 
 def test_requests_that_start_together_each_find_the_slot_that_holds_their_prompt():
