@@ -8,11 +8,12 @@ slot ids, so a busy set {0, 2, 5} costs three graphs a round where {0, 1, 2} cos
 
 So: a slot whose reusable prefix is at least `min_reuse` tokens wins, the longest first.
 Then the slot that adds the fewest runs (filling a hole first), then the one where the
-prefix reused most outweighs the cache lost beyond it (an empty slot: neither), then the
-longer prefix, then the least recently used. So a short prefix never takes a slot whose
-cache is worth more than it saves: Open WebUI's title and tag requests share only the chat
-template's opening with the chat beside them, and taking the chat's slot would prefill its
-whole history again next turn.
+prefix reused most outweighs the cache lost beyond it (`REUSED_WEIGHT`; an empty slot:
+neither), then the longer prefix, then the least recently used. So a short prefix never
+takes a slot whose cache is worth more than it saves: Open WebUI's title and tag requests
+share only the chat template's opening with the chat beside them, and taking the chat's
+slot would prefill its whole history again next turn; a regenerated short prompt still
+finds its slot, whose old answer it replaces.
 Requests that start in the same round choose together (`assign_slots`), so that one does
 not take the slot holding another's prompt.
 
@@ -29,6 +30,9 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 MIN_REUSE_TOKENS = 32
+# A prompt token reused now against the tokens of cache a slot would lose: the saving is
+# certain, the loss counts only if that conversation comes back (taken as 1 in 4).
+REUSED_WEIGHT = 4
 
 
 @dataclass(frozen=True)
@@ -134,7 +138,7 @@ def _best_slot(idle: Sequence[SlotSnapshot], reuse: dict[int, int], busy: Collec
     def key(slot: SlotSnapshot) -> tuple:
         reused = reuse[slot.slot_id]
         lost = len(slot.tokens) - reused
-        return (-reused if reused >= min_reuse else 0, runs({*busy, slot.slot_id}), lost - reused, -reused,
-                slot.last_used)
+        return (-reused if reused >= min_reuse else 0, runs({*busy, slot.slot_id}), lost - REUSED_WEIGHT * reused,
+                -reused, slot.last_used)
 
     return min(idle, key=key)

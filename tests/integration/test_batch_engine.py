@@ -366,8 +366,9 @@ def test_a_burst_seats_each_returning_chat_where_its_history_is_cached(llama):
         return tokenize_prompt(llama, formatter.render([{"role": "user", "content": text}]))
 
     one_token = replace(GREEDY, max_tokens=1)
+    topics = ("I keep bees on a roof in the city.", "My grandmother grew tomatoes in a glass house.")
     first_turns = [chat(f"{topic} Tell me everything about it, from its history to the present day, in detail.")
-                   for topic in ("I keep bees on a roof in the city.", "My grandmother grew tomatoes in a glass house.")]
+                   for topic in topics]
     # longer prompts beside them: every slot then holds a cache, the chats' the least to lose,
     # so the newcomer alone would take a chat's slot
     others = [chat(f"{topic} Describe it step by step, with every tool, every season and every mistake a "
@@ -393,9 +394,10 @@ def test_a_tag_request_between_turns_leaves_the_chat_its_cache(engine, llama):
     its history cached."""
     engine.clear_cache()
     formatter = choose_formatter(llama, None)
-    messages = [{"role": "user", "content": "Name a fruit and say where it grows."}]
+    question = "Name a fruit, say where it grows, what it tastes like and when it is ripe."
+    messages = [{"role": "user", "content": question}]
     first = tokenize_prompt(llama, formatter.render(messages))
-    answer, _ = drain(engine.submit(first, replace(GREEDY, max_tokens=12)))
+    answer, _ = drain(engine.submit(first, replace(GREEDY, max_tokens=24)))
     tags = tokenize_prompt(llama, formatter.render([{"role": "user", "content": (
         f"### Task: Generate 1-3 broad tags for this chat as JSON.\n### Chat History:\nUSER: {messages[0]['content']}"
         f"\nASSISTANT: {answer}")}]))

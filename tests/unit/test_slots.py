@@ -66,6 +66,9 @@ def test_a_short_prefix_never_evicts_a_cache_but_is_reused_where_nothing_is_lost
     # a short chat's next turn keeps its slot though the answer, tokenized again, differs at the end
     short_chat = slot(0, PROMPT[:12] + [4, 4, 4])
     assert choose_slot([slot(1), short_chat], PROMPT, min_reuse=16) == SlotChoice(0, 12)
+    # a short prompt asked again (regenerate) finds its slot, whose old answer it replaces
+    answered = slot(0, PROMPT[:13] + [5] * 40)
+    assert choose_slot([slot(1), answered], PROMPT[:14], min_reuse=16) == SlotChoice(0, 13)
 
 
 def test_requests_that_start_together_each_find_the_slot_that_holds_their_prompt():
