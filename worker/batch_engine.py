@@ -484,9 +484,10 @@ class BatchedEngine:
             for (handle, sampler), choice in zip(starting, choices):
                 self._seat(handle, sampler, self.slots[choice.slot_id], choice.reused_tokens)
                 seated += 1
-        finally:  # on a failure the rest wait again, where _fail_all finds them
+        except BaseException:  # the rest wait again, where _fail_all finds them
             with self._cond:
                 self._queue.extendleft(reversed(starting[seated:]))
+            raise
 
     def _seat(self, handle: SequenceHandle, sampler: SamplerChain, slot: _Slot, reused: int) -> None:
         if not self._llama_cpp.llama_memory_seq_rm(self.memory, slot.id, reused, -1):
